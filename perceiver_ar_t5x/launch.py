@@ -1,0 +1,104 @@
+"""What the train/eval/infer binaries share: T5X flags, gin parsing, one-line errors.
+
+This is binary-side code (it imports gin); library modules never do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from typing import Iterator, Sequence
+
+import gin
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order (T5X --gin_file).")
+flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings, e.g. 'TRAIN_STEPS=10'.")
+flags.DEFINE_list("gin_search_paths", ["."], "Directories searched for gin files and includes.")
+flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() (TPU pods/multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host off TPU).")
+flags.DEFINE_integer("process_count", None, "Number of processes (multi-host off TPU).")
+flags.DEFINE_integer("process_index", None, "This process's index (multi-host off TPU).")
+
+_GIN_FLAG = re.compile(r"^--gin\.([A-Za-z_][\w./]*)=(.*)$", re.DOTALL)
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """T5X shorthand: `--gin.NAME=VALUE` becomes `--gin_bindings=NAME = VALUE`."""
+  out = []
+  for arg in argv:
+    m = _GIN_FLAG.match(arg)
+    out.append(f"--gin_bindings={m.group(1)} = {m.group(2)}" if m else arg)
+  return out
+
+
+def register_enum_constants() -> None:
+  """Lets gin files say `%models.CroppingMethod.FULL_LATENTS` (enums, not strings)."""
+  from perceiver_ar_t5x import models, optimizers
+  from perceiver_ar_t5x.layers import embedding
+  for module_name, enum_cls in (("models", models.CroppingMethod),
+                                ("optimizers", optimizers.OptimizerName),
+                                ("optimizers", optimizers.ScheduleName),
+                                ("embedding", embedding.PositionEncoding)):
+    for member in enum_cls:
+      name = f"{module_name}.{enum_cls.__name__}.{member.name}"
+      with contextlib.suppress(ValueError):  # already registered
+        gin.constant(name, member)
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str]) -> None:
+  """Parses gin files then bindings; search paths resolve files and includes."""
+  register_enum_constants()
+  for path in search_paths:
+    gin.add_config_file_search_path(os.path.abspath(path))
+  if not gin_files:
+    raise ConfigError("no --gin_file given (e.g. --gin_file=gin/tiny.gin)")
+  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  gin.finalize()
+
+
+class ConfigError(ValueError):
+  """A configuration mistake, reported as one line."""
+
+
+def init_multiprocess() -> None:
+  """jax.distributed.initialize from flags (or TPU auto-detection)."""
+  if not FLAGS.multiprocess and FLAGS.coordinator_address is None:
+    return
+  import jax
+  kwargs = {}
+  if FLAGS.coordinator_address is not None:
+    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
+                  num_processes=FLAGS.process_count, process_id=FLAGS.process_index)
+  jax.distributed.initialize(**kwargs)
+  logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  first = text[0] if text else type(e).__name__
+  # gin appends "In call to configurable ..." context lines; keep the cause only.
+  return f"{type(e).__name__}: {first}"
+
+
+@contextlib.contextmanager
+def one_line_errors(binary: str) -> Iterator[None]:
+  """Known failure kinds exit 1 with `binary: error: <one line>`; nothing else is printed."""
+  from perceiver_ar_t5x import checkpoints, datasets, trainer
+  known = (ConfigError, datasets.DataError, trainer.TrainingError, checkpoints.CheckpointError,
+           ValueError, TypeError, FileNotFoundError, OSError, KeyError, NameError,
+           AttributeError)
+  try:
+    yield
+  except known as e:
+    if os.environ.get("PERCEIVER_AR_TRACEBACK"):
+      raise
+    sys.stderr.write(f"{binary}: error: {_one_line(e)}\n")
+    sys.stderr.flush()
+    os._exit(1)  # skip atexit hooks that may print more (tf/orbax threads)
+

@@ -1,0 +1,1 @@
+"""Building blocks shared by layer 0 and the latent stack."""

@@ -1,0 +1,103 @@
+"""Multi-head attention with separate query and key/value inputs.
+
+One module serves both Perceiver AR attention kinds: layer 0 (latent queries,
+keys/values over the whole input) and the latent self-attention stack (queries
+and keys/values both the latents). Masks come from true positions (see masks.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perceiver_ar_t5x import masks
+from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.layers import rotary
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                          k_pos: jax.Array, q_seg: jax.Array | None = None,
+                          k_seg: jax.Array | None = None) -> jax.Array:
+  """Plain softmax attention; q is expected pre-scaled by 1/sqrt(head_dim).
+
+  Args:
+    q: [batch, q_len, heads, head_dim]
+    k, v: [batch, k_len, heads, head_dim]
+    q_pos, k_pos: [batch, q_len] / [batch, k_len] positions for the causal mask.
+    q_seg, k_seg: optional segment ids for packed batches.
+
+  Returns:
+    [batch, q_len, heads, head_dim]
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits + masks.mask_to_bias(masks.attention_mask(q_pos, k_pos, q_seg, k_seg))
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class Attention(nn.Module):
+  """Projections, optional rotary embeddings, masked attention and output projection.
+
+  The projection methods are public so cached decoding can run them one step at
+  a time with the same parameters.
+  """
+
+  embed_dim: int
+  num_heads: int
+  head_dim: int
+  rotary_fraction: float | None = 1.0  # None: no rotary (absolute positions are used)
+  max_timescale: float = 1e4
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self) -> None:
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=0, out_axis=(1, 2))
+    out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=(0, 1), out_axis=2)
+    in_shape = (self.embed_dim, self.num_heads, self.head_dim)
+    in_axes = (pt.EMBED, pt.HEADS, pt.KV)
+
+    def kernel(name: str, init, shape, axes) -> jax.Array:
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+    self.query = kernel("query", init, in_shape, in_axes)
+    self.key = kernel("key", init, in_shape, in_axes)
+    self.value = kernel("value", init, in_shape, in_axes)
+    self.out = kernel("out", out_init, (self.num_heads, self.head_dim, self.embed_dim),
+                      (pt.HEADS, pt.KV, pt.EMBED))
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def project_query(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """[batch, len, embed] -> scaled, rotated queries [batch, len, heads, head_dim]."""
+    w = self.query.astype(self.dtype) * (self.head_dim ** -0.5)
+    q = jnp.einsum("ble,ehd->blhd", x.astype(self.dtype), w)
+    return self._rotate(q, positions)
+
+  def project_key_value(self, x: jax.Array, positions: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+    """[batch, len, embed] -> rotated keys and values [batch, len, heads, head_dim]."""
+    x = x.astype(self.dtype)
+    k = jnp.einsum("ble,ehd->blhd", x, self.key.astype(self.dtype))
+    v = jnp.einsum("ble,ehd->blhd", x, self.value.astype(self.dtype))
+    return self._rotate(k, positions), v
+
+  def project_out(self, x: jax.Array) -> jax.Array:
+    """[batch, len, heads, head_dim] -> [batch, len, embed]."""
+    return jnp.einsum("blhd,hde->ble", x, self.out.astype(self.dtype))
+
+  def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    if self.rotary_fraction is None:
+      return x
+    return rotary.apply_rotary(x, positions, fraction=self.rotary_fraction,
+                               max_timescale=self.max_timescale)
+
+  def __call__(self, q_in: jax.Array, kv_in: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+               q_seg: jax.Array | None = None, k_seg: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    """q_in [batch, q_len, embed], kv_in [batch, k_len, embed] -> [batch, q_len, embed]."""
+    q = self.project_query(q_in, q_pos)
+    k, v = self.project_key_value(kv_in, k_pos)
+    out = dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg)
+    return self.dropout(self.project_out(out), deterministic=deterministic)

@@ -1,0 +1,54 @@
+r"""Train binary with T5X's interface.
+
+  python -m perceiver_ar_t5x.train \
+    --gin_file=gin/runs/copy_cpu.gin \
+    --gin.MODEL_DIR="'/tmp/copy'" --gin.TRAIN_STEPS=1000 \
+    --gin_search_paths=gin
+
+Gin files configure `train_script.train` (this module's `train`, i.e.
+`perceiver_ar_t5x.trainer.train`) with `import __main__ as train_script`, as in T5X.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import gin
+from absl import app, logging
+
+from perceiver_ar_t5x import launch, trainer
+
+train = trainer.train  # the gin-configured entry point, `train_script.train` in gin
+
+
+def _write_config(model_dir: str, text: str) -> None:
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    f.write(text)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  flags = launch.FLAGS
+  with launch.one_line_errors("train"):
+    launch.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
+    launch.init_multiprocess()
+    model_dir = gin.query_parameter("%MODEL_DIR")
+    trainer.check_model_dir(model_dir)
+    _write_config(model_dir, gin.config_str())
+    result = gin.get_configurable(train)()
+    _write_config(model_dir, gin.operative_config_str())
+  if result.metrics:
+    print("final eval metrics: " + json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
+  if result.sample:
+    for key, value in result.sample.items():
+      print(f"sample {key}: {value}")
+  logging.info("done")
+
+
+if __name__ == "__main__":
+  sys.argv = launch.rewrite_gin_args(sys.argv)
+  app.run(main)
