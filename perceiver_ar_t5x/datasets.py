@@ -30,6 +30,11 @@ class DatasetConfig:
   seed: int | None = 0
   pack: bool = False
   use_cached: bool = False
+  # False (T5X): seqio shards the source; each host reads 1/num_shards of the data,
+  # but which examples make a global batch depends on the host count. True: every
+  # host runs the whole pipeline and keeps its block of rows of each global batch,
+  # so global batches are identical for any host count (num_shards x input work).
+  shard_global_batches: bool = False
 
 
 def get_task(name: str) -> seqio.Task | seqio.Mixture:
@@ -41,9 +46,26 @@ def get_task(name: str) -> seqio.Task | seqio.Mixture:
     raise DataError(f"unknown task or mixture {name!r}; known: {', '.join(known)}") from None
 
 
+def model_length(task_feature_lengths: Mapping[str, int]) -> int:
+  """Decoder length: `targets`, plus `inputs` for prefix-LM tasks (inputs are the prompt)."""
+  return int(task_feature_lengths["targets"]) + int(task_feature_lengths.get("inputs", 0))
+
+
+def feature_converter(task_feature_lengths: Mapping[str, int], pack: bool
+                      ) -> seqio.FeatureConverter:
+  """LMFeatureConverter for `targets`-only tasks; PrefixLMFeatureConverter when the task
+  also has `inputs` (loss on the targets only), exactly as T5X's decoder-only models."""
+  if "inputs" in task_feature_lengths:
+    return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
+  return seqio.LMFeatureConverter(pack=pack)
+
+
 def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1,
                 repeat: bool = True) -> tf.data.Dataset:
   """Batched features {decoder_input_tokens, decoder_target_tokens, decoder_loss_weights}.
+
+  Prefix-LM tasks (with `inputs`) also get `decoder_causal_attention`, which the
+  model ignores: Perceiver AR is causal everywhere.
 
   Each host reads its own shard (`shard_index` of `num_shards`) and batches
   `batch_size // num_shards` examples.
@@ -57,10 +79,14 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
   ds = task.get_dataset(
       sequence_length=dict(cfg.task_feature_lengths), split=cfg.split, use_cached=cfg.use_cached,
       shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=None if repeat else 1,
-      shard_info=seqio.ShardInfo(shard_index, num_shards), try_in_mem_cache=False)
-  converter = seqio.LMFeatureConverter(pack=cfg.pack)
-  ds = converter(ds, {"targets": int(cfg.task_feature_lengths["targets"])})
-  return ds.batch(cfg.batch_size // num_shards, drop_remainder=repeat).prefetch(2)
+      shard_info=seqio.ShardInfo(0, 1) if cfg.shard_global_batches else seqio.ShardInfo(
+          shard_index, num_shards), try_in_mem_cache=False)
+  lengths = {k: int(v) for k, v in cfg.task_feature_lengths.items()}
+  ds = feature_converter(lengths, cfg.pack)(ds, lengths)
+  ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=repeat)
+  if cfg.shard_global_batches and num_shards > 1:
+    ds = ds.shard(num_shards, shard_index)  # host i: rows [i*b/n, (i+1)*b/n) of each batch
+  return ds.prefetch(2)
 
 
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:

@@ -1,4 +1,4 @@
-"""The mirrored-copy task: a random first half, then the same tokens reversed.
+"""The mirrored-copy task: random tokens, then the same tokens reversed.
 
 Like the official Perceiver AR repo's `random_mirrored_*` tasks: the first half
 is unpredictable noise and the second half is exactly predictable from it, so
@@ -34,17 +34,23 @@ def _index_dataset(split: str, shuffle_files: bool = False, seed: int | None = N
 def mirrored_sequences(dataset: tf.data.Dataset,
                        sequence_length: Mapping[str, int] | None, *,
                        vocab_size: int) -> tf.data.Dataset:
-  """Maps {'index'} -> {'targets': [L]}: L/2 random tokens, then them reversed."""
+  """Maps {'index'} -> {'inputs': [L], 'targets': [L]}: L random tokens, then reversed.
+
+  A prefix-LM task: the model reads `inputs` as the prompt and is scored on
+  `targets` only (seqio.PrefixLMFeatureConverter), so the loss never asks it to
+  predict noise.
+  """
   if sequence_length is None or "targets" not in sequence_length:
-    raise ValueError("the copy task needs sequence_length={'targets': L}")
+    raise ValueError("the copy task needs sequence_length={'inputs': L, 'targets': L}")
   length = int(sequence_length["targets"])
-  if length < 2 or length % 2:
-    raise ValueError(f"copy task length must be even and >= 2, got {length}")
+  if int(sequence_length.get("inputs", length)) != length or length < 1:
+    raise ValueError(f"copy task needs equal inputs and targets lengths >= 1, got "
+                     f"{dict(sequence_length)}")
 
   def make(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    first = tf.random.stateless_uniform([length // 2], seed=ex["index"], minval=FIRST_TOKEN,
+    first = tf.random.stateless_uniform([length], seed=ex["index"], minval=FIRST_TOKEN,
                                         maxval=vocab_size, dtype=tf.int32)
-    return {"targets": tf.concat([first, tf.reverse(first, [0])], axis=0)}
+    return {"inputs": first, "targets": tf.reverse(first, [0])}
 
   return dataset.map(make, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -58,5 +64,6 @@ def register(name: str = "copy_mirrored", vocab_size: int = 32) -> seqio.Task:
       name,
       source=seqio.FunctionDataSource(_index_dataset, splits=list(_SPLIT_SEEDS)),
       preprocessors=[functools.partial(mirrored_sequences, vocab_size=vocab_size)],
-      output_features={"targets": seqio.Feature(vocab, add_eos=False)},
+      output_features={"inputs": seqio.Feature(vocab, add_eos=False),
+                       "targets": seqio.Feature(vocab, add_eos=False)},
       metric_fns=[])

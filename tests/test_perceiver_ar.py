@@ -1,0 +1,111 @@
+"""The decoder: causality, latent placement, prefix dropout, parameter shapes."""
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_ar_t5x.layers.attention import Attention
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "tiny_param_shapes.json"
+
+
+def _tokens(batch=2, length=10, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 1, 13)
+
+
+def _init(module, tokens):
+  return module.init(jax.random.key(0), tokens)
+
+
+@pytest.mark.parametrize("encoding", list(PositionEncoding))
+def test_changing_a_future_token_never_changes_an_earlier_logit(tiny_module, encoding):
+  module = tiny_module.clone(position_encoding=encoding)
+  tokens = _tokens()
+  params = _init(module, tokens)
+  base = module.apply(params, tokens)  # latents at positions 6..9
+  for pos in range(6, 10):
+    changed = tokens.at[:, pos].set((tokens[:, pos] % 12) + 1)
+    out = module.apply(params, changed)
+    row = pos - 6
+    np.testing.assert_allclose(out[:, :row], base[:, :row], atol=1e-6)
+    assert not np.allclose(out[:, row:], base[:, row:], atol=1e-6)
+
+
+def test_prefix_tokens_are_read(tiny_module):
+  tokens = _tokens()
+  params = _init(tiny_module, tokens)
+  changed = tokens.at[:, 0].set((tokens[:, 0] % 12) + 1)
+  assert not np.allclose(tiny_module.apply(params, changed), tiny_module.apply(params, tokens))
+
+
+def test_latents_are_the_last_positions_per_example(tiny_module):
+  tokens = _tokens(length=10)
+  params = _init(tiny_module, tokens)
+  # Example 1 is 7 long: its window starts at 3 and must equal a 7-token run of it.
+  starts = jnp.array([6, 3])
+  out = tiny_module.apply(params, tokens, latent_starts=starts)
+  alone = tiny_module.apply(params, tokens[1:, :7])
+  np.testing.assert_allclose(out[1], alone[0], atol=1e-5)
+  np.testing.assert_allclose(out[0], tiny_module.apply(params, tokens)[0], atol=1e-6)
+
+
+def test_sequence_shorter_than_num_latents_is_all_latents(tiny_module):
+  tokens = _tokens(length=3)
+  params = _init(tiny_module, tokens)
+  assert tiny_module.apply(params, tokens).shape == (2, 3, 13)
+
+
+def _layer0_key_lengths(module, params, tokens, **kwargs):
+  seen = []
+
+  def record(next_fun, args, kwargs_, context):
+    if isinstance(context.module, Attention) and context.method_name == "__call__":
+      seen.append(args[1].shape[1])  # kv_in [batch, keys, embed]
+    return next_fun(*args, **kwargs_)
+
+  with nn.intercept_methods(record):
+    module.apply(params, tokens, **kwargs)
+  return seen
+
+
+def test_prefix_dropout_really_removes_keys(tiny_module):
+  module = tiny_module.clone(prefix_dropout=0.5)
+  tokens = _tokens(length=12)  # prefix 8, latents 4
+  params = _init(module, tokens)
+  train = _layer0_key_lengths(module, params, tokens, deterministic=False,
+                              rngs={"dropout": jax.random.key(1)})
+  evals = _layer0_key_lengths(module, params, tokens)
+  assert train[0] == 4 + 4 and evals[0] == 12
+  assert train[1:] == [4, 4] and evals[1:] == [4, 4]  # latent stack unchanged
+
+
+def test_prefix_dropout_keeps_latents_and_is_rng_driven(tiny_module):
+  module = tiny_module.clone(prefix_dropout=0.5)
+  tokens = _tokens(length=12)
+  params = _init(module, tokens)
+
+  def run(seed):
+    return module.apply(params, tokens, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+
+  np.testing.assert_array_equal(run(3), run(3))
+  assert not np.allclose(run(3), run(4))
+
+
+def test_param_shapes_and_logical_axes_match_golden(tiny_module):
+  boxed = jax.eval_shape(lambda: tiny_module.init(jax.random.key(0), jnp.zeros((1, 10), jnp.int32)))
+  flat = jax.tree_util.tree_flatten_with_path(
+      boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  got = {jax.tree_util.keystr(p): {"shape": list(v.value.shape), "axes": list(v.names)}
+         for p, v in flat}
+  assert got == json.loads(GOLDEN.read_text())
+
+
+def test_bad_tokens_are_rejected_with_shape_in_message(tiny_module):
+  with pytest.raises(ValueError, match=r"int \[batch, length\]"):
+    tiny_module.init(jax.random.key(0), jnp.zeros((10,), jnp.int32))
