@@ -7,7 +7,7 @@ decoder-only contract), so any task ending in a `targets` feature plugs in.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import seqio

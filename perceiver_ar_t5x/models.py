@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,6 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *,
     (cross-entropy sum incl. label smoothing, z-loss sum, per-token cross-entropy
     without smoothing [batch, latents]).
   """
-  vocab = logits.shape[-1]
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, latents]
   log_probs = logits - log_z[..., None]
   nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+import perceiver_ar_t5x.tasks  # noqa: F401  (registers copy_mirrored)
 from perceiver_ar_t5x import checkpoints, datasets, models, optimizers, trainer, training
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
-import perceiver_ar_t5x.tasks  # noqa: F401  (registers copy_mirrored)
 
 
 def _model(**kw):

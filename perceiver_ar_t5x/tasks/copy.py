@@ -10,7 +10,7 @@ ops, so every split is deterministic and identical across runs and hosts.
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import seqio
 import tensorflow as tf
