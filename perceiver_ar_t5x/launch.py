@@ -1,4 +1,4 @@
-"""What the train/eval/infer binaries share: T5X flags, gin parsing, one-line errors.
+"""What the train/eval/infer binaries share: T5X flags, gin parsing, quiet logs, one-line errors.
 
 This is binary-side code (it imports gin); library modules never do.
 """
@@ -6,13 +6,16 @@ This is binary-side code (it imports gin); library modules never do.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import logging as py_logging
 import os
 import re
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+
+from absl import flags, logging
 
 import gin
-from absl import flags, logging
 
 FLAGS = flags.FLAGS
 
@@ -23,6 +26,8 @@ flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() (TPU
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host off TPU).")
 flags.DEFINE_integer("process_count", None, "Number of processes (multi-host off TPU).")
 flags.DEFINE_integer("process_index", None, "This process's index (multi-host off TPU).")
+flags.DEFINE_bool("library_logs", False, "Show INFO logs of libraries (orbax, seqio, clu, jax); "
+                  "by default only this package's INFO lines and everyone's warnings show.")
 
 _GIN_FLAG = re.compile(r"^--gin\.([A-Za-z_][\w./]*)=(.*)$", re.DOTALL)
 
@@ -36,14 +41,43 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
+# Library messages that look alarming but are expected: gin probing include paths
+# relative to the working directory first; orbax opening a checkpoint dir read-only.
+_EXPECTED = ("Path not found:", "Given directory is read only",
+             "CheckpointManagerOptions.read_only=True")
+
+
+class _OwnInfoOnly(py_logging.Filter):
+  """Passes warnings and errors from anyone, INFO only from perceiver_ar_t5x."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if str(record.msg).startswith(_EXPECTED):
+      return False
+    if record.levelno >= py_logging.WARNING:
+      return True
+    return "perceiver_ar_t5x" in record.pathname.replace(os.sep, "/")
+
+
+def setup_logging() -> None:
+  """Hides library INFO chatter (orbax, seqio, clu, absl) unless --library_logs."""
+  if FLAGS.library_logs:
+    return
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+
+
 def register_enum_constants() -> None:
   """Lets gin files say `%models.CroppingMethod.FULL_LATENTS` (enums, not strings)."""
-  from perceiver_ar_t5x import models, optimizers
-  from perceiver_ar_t5x.layers import embedding
+  from perceiver_ar_t5x import evaluation, models, optimizers, perceiver_ar
+  from perceiver_ar_t5x.layers import attention, embedding
   for module_name, enum_cls in (("models", models.CroppingMethod),
+                                ("evaluation", evaluation.ScoringMode),
                                 ("optimizers", optimizers.OptimizerName),
                                 ("optimizers", optimizers.ScheduleName),
-                                ("embedding", embedding.PositionEncoding)):
+                                ("embedding", embedding.PositionEncoding),
+                                ("attention", attention.AttentionKernel),
+                                ("perceiver_ar", perceiver_ar.RematPolicy)):
     for member in enum_cls:
       name = f"{module_name}.{enum_cls.__name__}.{member.name}"
       with contextlib.suppress(ValueError):  # already registered
@@ -58,8 +92,37 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     gin.add_config_file_search_path(os.path.abspath(path))
   if not gin_files:
     raise ConfigError("no --gin_file given (e.g. --gin_file=gin/tiny.gin)")
-  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
-  gin.finalize()
+  for path in gin_files:
+    if not any(os.path.isfile(os.path.join(d, path)) for d in ["", *search_paths]):
+      raise ConfigError(f"gin file {path!r} not found (searched . and {list(search_paths)})")
+  gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
+  check_macro_bindings(bindings)
+  gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
+  try:
+    gin.finalize()
+  except ValueError as e:
+    m = re.match(r"^'?([\w./]+?)(?:/macro\.value)?'? set to `%gin\.REQUIRED`", str(e))
+    if not m:
+      raise
+    raise ConfigError(f"required gin value {m.group(1)} is not set; pass "
+                      f"--gin.{m.group(1)}=... (see the gin file's header)") from None
+
+
+def defined_macros() -> list[str]:
+  return sorted(k[0] for k in gin.config._CONFIG if k[1] == "gin.macro")  # noqa: SLF001
+
+
+def check_macro_bindings(bindings: Sequence[str]) -> None:
+  """A binding of a macro that no gin file defines is a typo (gin would accept it silently)."""
+  known = defined_macros()
+  for binding in bindings:
+    name = binding.split("=", 1)[0].strip()
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name) or name in known:
+      continue
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(f"--gin.{name}: no gin file defines macro {name}; {hint}"
+                      f"known macros: {', '.join(known)}")
 
 
 class ConfigError(ValueError):
@@ -89,8 +152,9 @@ def _one_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def one_line_errors(binary: str) -> Iterator[None]:
   """Known failure kinds exit 1 with `binary: error: <one line>`; nothing else is printed."""
-  from perceiver_ar_t5x import checkpoints, datasets, trainer
+  from perceiver_ar_t5x import checkpoints, datasets, inference, trainer
   known = (ConfigError, datasets.DataError, trainer.TrainingError, checkpoints.CheckpointError,
+           inference.InferenceError,
            ValueError, TypeError, FileNotFoundError, OSError, KeyError, NameError,
            AttributeError)
   try:

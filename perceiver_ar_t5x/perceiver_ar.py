@@ -10,17 +10,48 @@ latent positions only.
 
 from __future__ import annotations
 
+import enum
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x import slicing
-from perceiver_ar_t5x.layers.attention import Attention
-from perceiver_ar_t5x.layers.embedding import (Embed, LearnedPositions, OutputHead,
-                                               PositionEncoding, sinusoidal_positions)
+from perceiver_ar_t5x.layers.attention import Attention, AttentionKernel
+from perceiver_ar_t5x.layers.embedding import (
+  Embed,
+  LearnedPositions,
+  OutputHead,
+  PositionEncoding,
+  sinusoidal_positions,
+)
 from perceiver_ar_t5x.layers.mlp import GatedGeluMlp
 from perceiver_ar_t5x.layers.norms import RMSNorm
+
+
+class RematPolicy(enum.Enum):
+  """What each block keeps for the backward pass (jax.checkpoint policies).
+
+  NONE: keep everything (no recomputation; most memory).
+  FULL: keep only the block inputs; recompute the whole block.
+  DOTS: keep matmul outputs, recompute elementwise ops.
+  DOTS_NO_BATCH: keep only matmuls without batch dims (projections, MLP), recompute
+    attention scores (the usual choice for long sequences).
+  """
+
+  NONE = "none"
+  FULL = "full"
+  DOTS = "dots"
+  DOTS_NO_BATCH = "dots_no_batch"
+
+
+_POLICIES = {
+    RematPolicy.FULL: None,
+    RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
+    RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class Block(nn.Module):
@@ -34,13 +65,17 @@ class Block(nn.Module):
   rotary_fraction: float | None = 0.5
   max_timescale: float = 1e4
   dtype: jnp.dtype = jnp.float32
+  attention_kernel: AttentionKernel = AttentionKernel.PLAIN
+  attention_chunk_size: int = 1024
 
   def setup(self) -> None:
     self.pre_attention_norm = RMSNorm(dtype=self.dtype)
     self.attention = Attention(embed_dim=self.embed_dim, num_heads=self.num_heads,
                                head_dim=self.head_dim, rotary_fraction=self.rotary_fraction,
                                max_timescale=self.max_timescale,
-                               dropout_rate=self.dropout_rate, dtype=self.dtype)
+                               dropout_rate=self.dropout_rate, dtype=self.dtype,
+                               kernel=self.attention_kernel,
+                               chunk_size=self.attention_chunk_size)
     self.pre_mlp_norm = RMSNorm(dtype=self.dtype)
     self.mlp = GatedGeluMlp(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                             dtype=self.dtype)
@@ -61,6 +96,37 @@ class Block(nn.Module):
     return x + self.dropout(h, deterministic=deterministic)
 
 
+class _FieldBlock(Block):
+  """A Block whose `deterministic` is a field, so remat/scan never trace the flag."""
+
+  deterministic: bool = True
+
+  def __call__(self, x: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
+               kv_x: jax.Array | None = None, k_pos: jax.Array | None = None,
+               k_seg: jax.Array | None = None) -> jax.Array:
+    return super().__call__(x, q_pos, q_seg, kv_x, k_pos, k_seg,
+                            deterministic=self.deterministic)
+
+
+class _ScannedBlock(_FieldBlock):
+  """A latent self-attention block in nn.scan's (carry, x) -> (carry, y) form."""
+
+  def __call__(self, x: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None
+               ) -> tuple[jax.Array, None]:
+    return super().__call__(x, q_pos, q_seg), None
+
+
+def latent_layer_params(params: Any, index: int) -> Any:
+  """Params of latent block `index` (1..num_layers-1) under either layer layout.
+
+  Unrolled models store `layers_{index}`; scanned models (scan_layers=True) store
+  all latent blocks stacked on a leading axis under `latent_layers`.
+  """
+  if "latent_layers" in params:
+    return jax.tree_util.tree_map(lambda p: p[index - 1], params["latent_layers"])
+  return params[f"layers_{index}"]
+
+
 class PerceiverAR(nn.Module):
   """Token ids -> logits for the latent positions.
 
@@ -76,7 +142,14 @@ class PerceiverAR(nn.Module):
     max_length: rows of the learned absolute position table.
     tie_embeddings: reuse the input embedding as the output head.
     dtype: activation dtype (params are always float32).
-    remat: recompute each block's activations in the backward pass.
+    remat: recompute each block's activations in the backward pass (same as
+      remat_policy=FULL; kept for older configs).
+    remat_policy: what each block saves for the backward pass (RematPolicy).
+    attention_kernel: PLAIN or CHUNKED attention (same numbers; CHUNKED has
+      memory linear in the context, for layer 0 at long contexts).
+    attention_chunk_size: keys per step of the CHUNKED kernel.
+    scan_layers: run the latent blocks with nn.scan (compile time flat in depth);
+      params then live stacked under `latent_layers` (see latent_layer_params).
   """
 
   vocab_size: int
@@ -95,13 +168,45 @@ class PerceiverAR(nn.Module):
   tie_embeddings: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  remat_policy: RematPolicy = RematPolicy.NONE
+  attention_kernel: AttentionKernel = AttentionKernel.PLAIN
+  attention_chunk_size: int = 1024
+  scan_layers: bool = False
 
-  def _block(self, name: str) -> Block:
-    cls = nn.remat(Block, static_argnums=(), policy=None) if self.remat else Block
+  def _block_kwargs(self) -> dict[str, Any]:
     rotary = self.rotary_fraction if self.position_encoding == PositionEncoding.ROTARY else None
-    return cls(embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self.head_dim,
-               mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, rotary_fraction=rotary,
-               max_timescale=self.max_timescale, dtype=self.dtype, name=name)
+    return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self.head_dim,
+                mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, rotary_fraction=rotary,
+                max_timescale=self.max_timescale, dtype=self.dtype,
+                attention_kernel=self.attention_kernel,
+                attention_chunk_size=self.attention_chunk_size)
+
+  def _remat(self, cls: type[nn.Module], **kwargs: Any) -> type[nn.Module]:
+    policy = RematPolicy.FULL if self.remat else self.remat_policy
+    if policy == RematPolicy.NONE:
+      return cls
+    return nn.remat(cls, policy=_POLICIES[policy], **kwargs)
+
+  def _block(self, name: str, deterministic: bool) -> Block:
+    return self._remat(_FieldBlock)(**self._block_kwargs(), deterministic=deterministic,
+                                    name=name)
+
+  def _latent_stack(self, h: jax.Array, lat_pos: jax.Array, lat_seg: jax.Array | None,
+                    deterministic: bool) -> jax.Array:
+    """Blocks 1..num_layers-1: self-attention over the latents, unrolled or scanned."""
+    if not self.scan_layers:
+      for i in range(1, self.num_layers):
+        h = self._block(f"layers_{i}", deterministic)(h, lat_pos, lat_seg)
+      return h
+    if self.num_layers < 2:
+      return h
+    scanned = nn.scan(self._remat(_ScannedBlock, prevent_cse=False),
+                      variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers - 1,
+                      metadata_params={nn.PARTITION_NAME: pt.LAYERS})
+    h, _ = scanned(**self._block_kwargs(), deterministic=deterministic,
+                   name="latent_layers")(h, lat_pos, lat_seg)
+    return h
 
   def embed_tokens(self, embedder: Embed, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """[batch, length] -> [batch, length, embed], absolute positions added if configured."""
@@ -152,11 +257,11 @@ class PerceiverAR(nn.Module):
       k_pos = jnp.concatenate([slicing.take(positions, idx), lat_pos], axis=1)
       if segment_ids is not None:
         k_seg = jnp.concatenate([slicing.take(segment_ids, idx), lat_seg], axis=1)
+    # Layer-0 keys/values: their length axis may be sharded (PartitioningConfig.shard_length).
+    kv_x = nn.with_logical_constraint(kv_x, (pt.BATCH, pt.LENGTH, pt.EMBED))  # [b, keys, e]
 
-    h = self._block("layers_0")(lat_x, lat_pos, lat_seg, kv_x, k_pos, k_seg,
-                                deterministic=deterministic)
-    for i in range(1, self.num_layers):
-      h = self._block(f"layers_{i}")(h, lat_pos, lat_seg, deterministic=deterministic)
+    h = self._block("layers_0", deterministic)(lat_x, lat_pos, lat_seg, kv_x, k_pos, k_seg)
+    h = self._latent_stack(h, lat_pos, lat_seg, deterministic)
     h = RMSNorm(dtype=self.dtype, name="decoder_norm")(h)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     if self.tie_embeddings:

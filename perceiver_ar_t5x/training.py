@@ -121,8 +121,10 @@ def make_train_step(model: PerceiverARModel, optimizer: optax.GradientTransforma
                    out_shardings=(part.state_sharding, replicated), donate_argnums=(0,))
 
   def run(state: TrainState, batch: Mapping[str, Any], rng: jax.Array):
+    # Host-local numpy rows -> global arrays: the same call on one or many processes.
+    batch = pt.global_batch(batch, part.mesh)
     with part.context():
-      return jitted(state, batch, rng)
+      return jitted(state, batch, pt.replicate(rng, part.mesh))
 
   return run
 
@@ -137,6 +139,7 @@ def make_eval_step(model: PerceiverARModel, part: Partitioned
                    out_shardings=pt.replicated(part.mesh))
 
   def run(params: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    batch = pt.global_batch(batch, part.mesh)
     with part.context():
       return jitted(params, batch)
 

@@ -7,6 +7,8 @@ and keys/values both the latents). Masks come from true positions (see masks.py)
 
 from __future__ import annotations
 
+import enum
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,19 @@ import jax.numpy as jnp
 from perceiver_ar_t5x import masks
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.layers import rotary
+from perceiver_ar_t5x.layers.chunked_attention import chunked_dot_product_attention
+
+
+class AttentionKernel(enum.Enum):
+  """How softmax(q k^T) v is computed; both give the same numbers.
+
+  PLAIN: materialises the [batch, heads, q_len, k_len] scores (fastest for short keys).
+  CHUNKED: online softmax over `chunk_size` keys at a time, gradient by
+    recomputation (chunked_attention.py): memory linear in k_len.
+  """
+
+  PLAIN = "plain"
+  CHUNKED = "chunked"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
@@ -50,6 +65,8 @@ class Attention(nn.Module):
   max_timescale: float = 1e4
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  kernel: AttentionKernel = AttentionKernel.PLAIN
+  chunk_size: int = 1024
 
   def setup(self) -> None:
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -99,5 +116,9 @@ class Attention(nn.Module):
     """q_in [batch, q_len, embed], kv_in [batch, k_len, embed] -> [batch, q_len, embed]."""
     q = self.project_query(q_in, q_pos)
     k, v = self.project_key_value(kv_in, k_pos)
-    out = dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg)
+    if self.kernel == AttentionKernel.CHUNKED:
+      out = chunked_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg,
+                                          chunk_size=self.chunk_size)
+    else:
+      out = dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg)
     return self.dropout(self.project_out(out), deterministic=deterministic)
