@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
-import gin
 from absl import app, logging
 
+import gin
 from perceiver_ar_t5x import launch, trainer
 
 train = trainer.train  # the gin-configured entry point, `train_script.train` in gin
@@ -32,6 +33,7 @@ def _write_config(model_dir: str, text: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  launch.setup_logging()
   flags = launch.FLAGS
   with launch.one_line_errors("train"):
     launch.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
@@ -41,6 +43,10 @@ def main(argv: list[str]) -> None:
     _write_config(model_dir, gin.config_str())
     result = gin.get_configurable(train)()
     _write_config(model_dir, gin.operative_config_str())
+  if result.stopped_by_signal is not None:
+    print(f"stopped by {signal.Signals(result.stopped_by_signal).name} at step "
+          f"{int(result.state.step)}; checkpoint saved, rerun the same command to resume")
+    return
   if result.metrics:
     print("final eval metrics: " + json.dumps({k: round(v, 4) for k, v in result.metrics.items()}))
   if result.sample:

@@ -3,7 +3,10 @@
 Resumes from the newest good checkpoint in MODEL_DIR: params, optimizer state
 and step are restored, the data iterator skips the batches already consumed,
 and every step's rng is fold_in(seed, step), so a resumed run continues the
-uninterrupted run's trajectory.
+uninterrupted run's trajectory bit for bit (tests/test_resume.py kills a run
+with SIGKILL and compares MODEL_DIR/train/metrics.jsonl with an uninterrupted
+run's). SIGTERM/SIGINT finish the current step, save and return. A non-finite
+loss stops the run before anything is saved, so the last good checkpoint stays.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -19,11 +24,11 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from perceiver_ar_t5x import checkpoints, datasets, decoding, evaluation, optimizers
+from perceiver_ar_t5x import checkpoints, datasets, evaluation, inference, optimizers, training
 from perceiver_ar_t5x import partitioning as pt
-from perceiver_ar_t5x import training
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
-from perceiver_ar_t5x.models import PerceiverARModel, summarize_metrics
+from perceiver_ar_t5x.metrics_log import MetricsLog, StepStats
+from perceiver_ar_t5x.models import PerceiverARModel
 
 
 class TrainingError(RuntimeError):
@@ -41,13 +46,18 @@ class LoopConfig:
   random_seed: int = 0
 
 
-def check_lengths(model: PerceiverARModel, lengths: dict[str, int]) -> int:
-  """Validates TASK_FEATURE_LENGTHS against the model; returns the targets length."""
-  length = int(lengths.get("targets", 0))
+def check_lengths(model: PerceiverARModel, lengths: Mapping[str, int]) -> int:
+  """Validates TASK_FEATURE_LENGTHS against the model; returns the decoder length.
+
+  The decoder length is `targets` (+ `inputs` for prefix-LM tasks).
+  """
+  if "targets" not in lengths:
+    raise TrainingError(f"TASK_FEATURE_LENGTHS needs a 'targets' entry, got {dict(lengths)}")
+  length = datasets.model_length(lengths)
   n = model.num_latents
   if length < n:
-    raise TrainingError(f"TASK_FEATURE_LENGTHS targets={length} is shorter than num_latents={n}; "
-                        f"use a length >= {n} or fewer latents")
+    raise TrainingError(f"TASK_FEATURE_LENGTHS {dict(lengths)} gives sequences of {length} "
+                        f"tokens, fewer than num_latents={n}; use a length >= {n} or fewer latents")
   module = model.module
   if module.position_encoding == PositionEncoding.LEARNED and length > module.max_length:
     raise TrainingError(f"targets length {length} exceeds the learned position table "
@@ -83,28 +93,12 @@ def write_model_info(model_dir: str, state: training.TrainState,
     f.write("\n".join(lines) + "\n")
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _checkpoint_meta(model: PerceiverARModel, step: int) -> dict[str, Any]:
-  m = model.module
-  return {"step": step, "vocab_size": m.vocab_size, "num_latents": m.num_latents,
-          "embed_dim": m.embed_dim, "num_layers": m.num_layers}
-
-
 def restore_or_init(model: PerceiverARModel, state: training.TrainState,
                     ckpt: checkpoints.Checkpointer) -> tuple[int, training.TrainState]:
   """Restores the newest good checkpoint into `state`'s shardings (or keeps `state`)."""
   if ckpt.steps():
-    try:
-      meta = ckpt.read_meta(ckpt.steps()[-1])
-    except Exception:  # noqa: BLE001 - a corrupt newest checkpoint is handled below
-      meta = {}
-    if meta.get("vocab_size", model.module.vocab_size) != model.module.vocab_size:
-      raise TrainingError(f"checkpoint in {ckpt.directory} has vocab_size {meta['vocab_size']} "
-                          f"but the config has {model.module.vocab_size}")
+    newest = ckpt.steps()[-1]
+    checkpoints.check_meta(ckpt.try_meta(newest), model, f"{ckpt.directory}/{newest}")
   restored = ckpt.restore_latest(training.abstract_state(state))
   if restored is None:
     if ckpt.steps():
@@ -120,26 +114,7 @@ class TrainResult:
   state: training.TrainState
   metrics: dict[str, float]
   sample: dict[str, str]
-
-
-def sample_from_split(model: PerceiverARModel, params: Any, cfg: datasets.DatasetConfig,
-                      seed: int = 0) -> dict[str, str]:
-  """Greedy-continues the first example's prefix; returns prompt/target/prediction text."""
-  ds = datasets.get_dataset(dataclasses.replace(cfg, batch_size=1, shuffle=False), repeat=False)
-  targets = next(datasets.numpy_batches(ds))["decoder_target_tokens"]  # [1, length]
-  length = targets.shape[1]
-  prompt_len = max(length - model.num_latents, 1)
-  tokens, _ = decoding.sample(model, params, targets[:, :prompt_len], np.array([prompt_len]),
-                              length, jax.random.key(seed))
-  vocab = datasets.get_task(cfg.mixture_or_task_name).output_features["targets"].vocabulary
-
-  def text(ids: np.ndarray) -> str:
-    ids = [int(i) for i in ids if i != 0]
-    decoded = vocab.decode(ids)
-    return decoded if isinstance(decoded, str) else " ".join(map(str, decoded))
-
-  return {"prompt": text(targets[0, :prompt_len]), "target": text(targets[0, prompt_len:]),
-          "prediction": text(tokens[0, prompt_len:])}
+  stopped_by_signal: int | None = None
 
 
 class _StopFlag:
@@ -149,13 +124,127 @@ class _StopFlag:
     self.signum: int | None = None
 
   def install(self) -> None:
-    import signal
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, self._handle)
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
+    if self.signum is None:
+      logging.warning("Received %s: finishing the current step, then saving.",
+                      signal.Signals(signum).name)
     self.signum = signum
+
+
+@dataclasses.dataclass
+class _Loop:
+  """Everything the step loop touches."""
+
+  model: PerceiverARModel
+  loop_cfg: LoopConfig
+  period: int
+  state: training.TrainState
+  ckpt: checkpoints.Checkpointer
+  train_step: Callable[..., Any]
+  step_rng: jax.Array
+  batches: Iterator[dict[str, np.ndarray]]
+  run_eval: Callable[[int, Any], dict[str, float]]
+  writer: metric_writers.MetricWriter
+  log: MetricsLog
+  stop: _StopFlag
+  tokens_per_step: int
+
+  def save(self, step: int, force: bool = False) -> None:
+    if force and step in self.ckpt.steps():
+      return
+    self.ckpt.save(step, self.state, checkpoints.model_meta(self.model, step), force=force)
+
+
+def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
+             cfg: datasets.DatasetConfig | None, max_batches: int | None,
+             writer: metric_writers.MetricWriter) -> Callable[[int, Any], dict[str, float]]:
+  """run_eval(step, params): last-latents eval of `cfg`'s split, logged and written."""
+  eval_step = training.make_eval_step(model, part)
+
+  def run_eval(step: int, params: Any) -> dict[str, float]:
+    if cfg is None:
+      return {}
+    layout = pt.data_layout(part.mesh)
+    ds = datasets.get_dataset(cfg, repeat=False, shard_index=layout.shard_index,
+                              num_shards=layout.num_shards)
+    summary = evaluation.evaluate(eval_step, params, datasets.numpy_batches(ds), max_batches)
+    writer.write_scalars(step, summary)
+    writer.flush()
+    logging.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    return summary
+
+  return run_eval
+
+
+def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
+           train_cfg: datasets.DatasetConfig, eval_cfg: datasets.DatasetConfig | None,
+           model_dir: str, loop_cfg: LoopConfig, checkpoint_cfg: checkpoints.CheckpointConfig,
+           partitioning_cfg: pt.PartitioningConfig) -> tuple[_Loop, int, training.Partitioned]:
+  """Builds state (restored when MODEL_DIR has a checkpoint), steps, data and writers."""
+  length = check_lengths(model, dict(train_cfg.task_feature_lengths))
+  check_model_dir(model_dir)
+  datasets.get_task(train_cfg.mixture_or_task_name)  # unknown task: fail before compiling
+  optimizer, schedule = optimizers.make_optimizer(optimizer_cfg, loop_cfg.total_steps)
+  mesh = pt.make_mesh(partitioning_cfg.num_partitions)
+  seed_rng = jax.random.key(loop_cfg.random_seed)
+  state, part = training.create_state(model, optimizer, jax.random.fold_in(seed_rng, 0),
+                                      length, mesh, pt.logical_axis_rules(partitioning_cfg))
+  logging.info("%d parameters; partitioning:\n%s", training.param_count(state.params),
+               "\n".join(pt.describe(mesh, part.params_logical, part.state_sharding.params)))
+  write_model_info(model_dir, state, part)
+  ckpt = checkpoints.Checkpointer(model_dir, checkpoint_cfg)
+  start, state = restore_or_init(model, state, ckpt)
+  layout = pt.data_layout(mesh)  # processes holding the same batch rows read the same data
+  ds = datasets.get_dataset(train_cfg, shard_index=layout.shard_index,
+                            num_shards=layout.num_shards)
+  just_log = jax.process_index() > 0
+  eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
+                                                     just_logging=just_log)
+  loop = _Loop(
+      model=model, loop_cfg=loop_cfg, period=checkpoint_cfg.period, state=state, ckpt=ckpt,
+      train_step=training.make_train_step(model, optimizer, schedule, part),
+      step_rng=jax.random.fold_in(seed_rng, 1),
+      batches=datasets.numpy_batches(ds.skip(start)),
+      run_eval=_eval_fn(model, part, eval_cfg, loop_cfg.eval_steps, eval_writer),
+      writer=metric_writers.create_default_writer(os.path.join(model_dir, "train"),
+                                                  just_logging=just_log),
+      log=MetricsLog(os.path.join(model_dir, "train", "metrics.jsonl"), start,
+                     enabled=not just_log),
+      stop=_StopFlag(), tokens_per_step=train_cfg.batch_size * length)
+  return loop, start, part
+
+
+def _check_finite(loop: _Loop, step: int, metrics: dict[str, Any]) -> None:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    loop.ckpt.wait()
+    good = loop.ckpt.steps()
+    raise TrainingError(f"loss is {loss} at step {step}; stopping without saving. Last good "
+                        f"checkpoint: step {good[-1] if good else 'none'} in {loop.ckpt.directory}")
+
+
+def _run_steps(loop: _Loop, start: int) -> int:
+  """Steps until total_steps or a stop signal; returns the step reached."""
+  cfg, step = loop.loop_cfg, start
+  stats = StepStats(start, loop.writer, loop.tokens_per_step, cfg.total_steps)
+  while step < cfg.total_steps and loop.stop.signum is None:
+    loop.state, metrics = loop.train_step(loop.state, next(loop.batches), loop.step_rng)
+    step += 1
+    metrics = jax.device_get(metrics)
+    _check_finite(loop, step, metrics)
+    loop.log.write(step, metrics)
+    stats.add(metrics)
+    if step % cfg.stats_period == 0 or step == cfg.total_steps:
+      stats.flush(step, metrics)
+    if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.total_steps:
+      loop.run_eval(step, loop.state.params)
+    if step % loop.period == 0:
+      loop.save(step)
+  return step
 
 
 def train(*, model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
@@ -165,93 +254,27 @@ def train(*, model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
           partitioning_cfg: pt.PartitioningConfig = pt.PartitioningConfig(),
           handle_signals: bool = True, sample_at_end: bool = True) -> TrainResult:
   """Trains `model`; returns the final state, final eval metrics and a sample."""
-  length = check_lengths(model, dict(train_dataset_cfg.task_feature_lengths))
-  check_model_dir(model_dir)
-  stop = _StopFlag()
+  t0 = time.time()
+  loop, start, _ = _setup(model, optimizer_cfg, train_dataset_cfg, train_eval_dataset_cfg,
+                          model_dir, loop_cfg, checkpoint_cfg, partitioning_cfg)
   if handle_signals:
-    stop.install()
-  optimizer, schedule = optimizers.make_optimizer(optimizer_cfg, loop_cfg.total_steps)
-  mesh = pt.make_mesh(partitioning_cfg.num_partitions)
-  rules = pt.logical_axis_rules(partitioning_cfg)
-  seed_rng = jax.random.key(loop_cfg.random_seed)
-  state, part = training.create_state(model, optimizer, jax.random.fold_in(seed_rng, 0),
-                                      length, mesh, rules)
-  logging.info("Mesh %s; %d parameters", dict(mesh.shape), training.param_count(state.params))
-  write_model_info(model_dir, state, part)
-  ckpt = checkpoints.Checkpointer(model_dir, checkpoint_cfg)
-  start, state = restore_or_init(model, state, ckpt)
-  train_step = training.make_train_step(model, optimizer, schedule, part)
-  eval_step = training.make_eval_step(model, part)
-  step_rng = jax.random.fold_in(seed_rng, 1)
-
-  ds = datasets.get_dataset(train_dataset_cfg, shard_index=jax.process_index(),
-                            num_shards=jax.process_count())
-  batches = datasets.numpy_batches(ds.skip(start))
-  writer = metric_writers.create_default_writer(os.path.join(model_dir, "train"),
-                                                just_logging=jax.process_index() > 0)
-  eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
-                                                     just_logging=jax.process_index() > 0)
-
-  def run_eval(step: int) -> dict[str, float]:
-    if train_eval_dataset_cfg is None:
-      return {}
-    eval_ds = datasets.get_dataset(train_eval_dataset_cfg, repeat=False,
-                                   shard_index=jax.process_index(),
-                                   num_shards=jax.process_count())
-    summary = evaluation.evaluate(eval_step, state.params, datasets.numpy_batches(eval_ds),
-                                  loop_cfg.eval_steps)
-    eval_writer.write_scalars(step, summary)
-    eval_writer.flush()
-    logging.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
-    return summary
-
-  sums: dict[str, float] = {}
-  t0, last_step, last_time = time.time(), start, time.time()
-  step = start
-  final: dict[str, float] = {}
-  while step < loop_cfg.total_steps:
-    batch = next(batches)
-    state, metrics = train_step(state, batch, step_rng)
-    step += 1
-    metrics = jax.device_get(metrics)
-    if not math.isfinite(float(metrics["loss"])):
-      ckpt.wait()
-      good = ckpt.steps()
-      raise TrainingError(f"loss is {float(metrics['loss'])} at step {step}; stopping. Last good "
-                          f"checkpoint: {good[-1] if good else 'none'} in {ckpt.directory}")
-    for key in ("loss_sum", "nll_sum", "z_loss_sum", "correct_sum", "weight_sum"):
-      sums[key] = sums.get(key, 0.0) + float(metrics[key])
-    if step % loop_cfg.stats_period == 0 or step == loop_cfg.total_steps:
-      now = time.time()
-      rate = (step - last_step) / max(now - last_time, 1e-9)
-      summary = {f"train/{k}": v for k, v in summarize_metrics(sums).items()}
-      summary.update({"train/learning_rate": float(metrics["learning_rate"]),
-                      "train/grad_norm": float(metrics["grad_norm"]),
-                      "train/steps_per_second": rate,
-                      "train/tokens_per_second": rate * train_dataset_cfg.batch_size * length})
-      writer.write_scalars(step, summary)
-      logging.info("step %d/%d loss=%.4f accuracy=%.4f %.2f steps/s ETA %s", step,
-                   loop_cfg.total_steps, summary["train/loss"], summary["train/accuracy"], rate,
-                   _format_eta((loop_cfg.total_steps - step) / max(rate, 1e-9)))
-      sums, last_step, last_time = {}, step, now
-    if loop_cfg.eval_period and step % loop_cfg.eval_period == 0 and step < loop_cfg.total_steps:
-      run_eval(step)
-    if step % checkpoint_cfg.period == 0:
-      ckpt.save(step, state, _checkpoint_meta(model, step))
-    if stop.signum is not None:
-      ckpt.save(step, state, _checkpoint_meta(model, step), force=True)
-      ckpt.close()
-      logging.info("Received signal %d: saved checkpoint at step %d, exiting.", stop.signum, step)
-      return TrainResult(state, {}, {})
-  if step not in ckpt.steps():
-    ckpt.save(step, state, _checkpoint_meta(model, step), force=True)
-  final = run_eval(step)
+    loop.stop.install()
+  try:
+    step = _run_steps(loop, start)
+    loop.save(step, force=True)
+  finally:
+    loop.log.close()
+    loop.ckpt.wait()
+  if loop.stop.signum is not None:
+    loop.ckpt.close()
+    logging.info("Stopped by %s: saved checkpoint at step %d in %s; rerun the same command to "
+                 "resume.", signal.Signals(loop.stop.signum).name, step, loop.ckpt.directory)
+    return TrainResult(loop.state, {}, {}, loop.stop.signum)
+  final = loop.run_eval(step, loop.state.params)
   sample = {}
   if sample_at_end and train_eval_dataset_cfg is not None:
-    sample = sample_from_split(model, state.params, train_eval_dataset_cfg)
-  ckpt.close()
-  writer.close()
-  eval_writer.close()
+    sample = inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
+  loop.ckpt.close()
+  loop.writer.close()
   logging.info("Training finished at step %d in %.1fs", step, time.time() - t0)
-  return TrainResult(state, final, sample)
-
+  return TrainResult(loop.state, final, sample)
