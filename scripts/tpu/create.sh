@@ -2,8 +2,8 @@
 # Create a Cloud TPU VM (a single host or a pod slice); a no-op if it already exists.
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
-# shellcheck source=common.sh source-path=SCRIPTDIR
-source "$here/common.sh"
+# shellcheck source=tpu_flags.sh source-path=SCRIPTDIR
+source "$here/tpu_flags.sh"
 
 USAGE="Usage: ${0##*/} --name NAME --zone ZONE --accelerator-type TYPE [--version RUNTIME]
           [--project PROJECT] [--dry-run] [-- EXTRA_CREATE_FLAGS...]

@@ -2,8 +2,8 @@
 # Delete a Cloud TPU VM; a no-op if it does not exist.
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
-# shellcheck source=common.sh source-path=SCRIPTDIR
-source "$here/common.sh"
+# shellcheck source=tpu_flags.sh source-path=SCRIPTDIR
+source "$here/tpu_flags.sh"
 
 USAGE="Usage: ${0##*/} --name NAME --zone ZONE [--project PROJECT] [--dry-run]
 

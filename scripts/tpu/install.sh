@@ -2,8 +2,8 @@
 # Put the repo on every host of a TPU VM and install it with jax[tpu]; safe to rerun.
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
-# shellcheck source=common.sh source-path=SCRIPTDIR
-source "$here/common.sh"
+# shellcheck source=tpu_flags.sh source-path=SCRIPTDIR
+source "$here/tpu_flags.sh"
 
 # jax[tpu] pulls the matching libtpu from PyPI. Keep JAX_VERSION equal to the jax pin in
 # requirements/pins.txt (tests/scripts/test_tpu_scripts.py checks this).

@@ -2,8 +2,8 @@
 # Show the training log of one TPU host (written by train.sh).
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
-# shellcheck source=common.sh source-path=SCRIPTDIR
-source "$here/common.sh"
+# shellcheck source=tpu_flags.sh source-path=SCRIPTDIR
+source "$here/tpu_flags.sh"
 
 REMOTE_DIR="perceiver_ar_t5x"  # as in install.sh / train.sh
 

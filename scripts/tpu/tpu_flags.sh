@@ -5,7 +5,7 @@
 # and sends each gcloud call through `run`, which with --dry-run prints the command as one
 # shell-quoted line on stdout (copy-paste safe, parseable with Python's shlex.split) instead
 # of executing it. Only bash builtins are used here, so --dry-run works on a bare PATH.
-# Usage: source common.sh; USAGE="..."; parse_tpu_flags "$@"; then read the globals below.
+# Usage: source tpu_flags.sh; USAGE="..."; parse_tpu_flags "$@"; then read the globals below.
 
 TPU_NAME=""
 ZONE=""

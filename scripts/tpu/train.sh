@@ -2,8 +2,8 @@
 # Start perceiver_ar_t5x.train on every host of a TPU VM, detached (nohup); safe to rerun.
 set -euo pipefail
 here="${BASH_SOURCE[0]%/*}"; [[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
-# shellcheck source=common.sh source-path=SCRIPTDIR
-source "$here/common.sh"
+# shellcheck source=tpu_flags.sh source-path=SCRIPTDIR
+source "$here/tpu_flags.sh"
 
 REMOTE_DIR="perceiver_ar_t5x"  # as in install.sh; relative to $HOME on each host
 
