@@ -1,0 +1,148 @@
+"""Checkpoint lifecycle: keep-K, fallback, SIGTERM save, kill -9 bit-identical resume."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_ar_t5x import checkpoints, metrics_log, trainer
+from tests import binaries
+from tests.conftest import REPO, binary_env
+
+
+def _state(value: float) -> dict:
+  return {"w": jnp.full((3, 2), value, jnp.float32), "step": jnp.asarray(int(value), jnp.int32)}
+
+
+def _abstract() -> dict:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      _state(0.0))
+
+
+def _corrupt(step_dir) -> None:
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"garbage")
+
+
+def test_keeps_the_newest_k(tmp_path):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), checkpoints.CheckpointConfig(keep=2))
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, _state(step), {"step": step})
+  ckpt.close()
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 4]
+
+
+def test_corrupt_newest_falls_back_and_is_moved_aside(tmp_path):
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {"step": step})
+  ckpt.wait()
+  _corrupt(tmp_path / "checkpoints" / "2")
+  reader = checkpoints.Checkpointer(str(tmp_path), read_only=True)
+  assert reader.restore_latest(_abstract())[0] == 1
+  assert (tmp_path / "checkpoints" / "2").exists()  # read-only: nothing moved
+  step, state, meta = ckpt.restore_latest(_abstract())
+  assert (step, meta) == (1, {"step": 1}) and float(state["w"][0, 0]) == 1.0
+  moved = list((tmp_path / "checkpoints_corrupt").iterdir())
+  assert len(moved) == 1 and moved[0].name.startswith("2-")
+  assert ckpt.steps() == [1]
+  ckpt.save(2, _state(2.5), {"step": 2})  # the step can be saved again
+  assert ckpt.restore_latest(_abstract())[0] == 2
+  ckpt.close()
+
+
+def test_resolve_path(tmp_path):
+  (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+  root = str(tmp_path)
+  assert checkpoints.resolve_path(root) == (root, None)
+  assert checkpoints.resolve_path(root + "/checkpoints") == (root, None)
+  assert checkpoints.resolve_path(root + "/checkpoints/7/") == (root, 7)
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint at"):
+    checkpoints.resolve_path(root + "/nothing")
+
+
+def test_metrics_log_drops_steps_past_the_restored_one_and_torn_lines(tmp_path):
+  path = str(tmp_path / "train" / "metrics.jsonl")
+  log = metrics_log.MetricsLog(path, 0)
+  for step in range(1, 6):
+    log.write(step, {"loss": np.float32(step / 3), "grad_norm": 1.0, "learning_rate": 0.1})
+  log.close()
+  with open(path, "a") as f:
+    f.write('{"step": 6, "lo')  # killed mid-line
+  assert sorted(metrics_log.losses_by_step(path)) == [1, 2, 3, 4, 5]
+  assert metrics_log.losses_by_step(path)[2] == float(np.float32(2 / 3))  # exact round trip
+  metrics_log.MetricsLog(path, 3).close()  # resumed from step 3
+  assert sorted(metrics_log.losses_by_step(path)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_flag_catches_both_signals(sig):
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  flag = trainer._StopFlag()  # noqa: SLF001
+  try:
+    flag.install()
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)
+    assert flag.signum == sig
+  finally:
+    for s, handler in old.items():
+      signal.signal(s, handler)
+
+
+def _start(model_dir, *args):
+  cmd = binaries.command("train", f"--gin.MODEL_DIR='{model_dir}'", *binaries.FAST, *args)
+  return subprocess.Popen(cmd, cwd=REPO, env=binary_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc, metrics: str, count: int) -> None:
+  deadline = time.time() + 500
+  while len(metrics_log.read(metrics)) < count:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_bit_identical_loss_curve(tmp_path):
+  baseline = binaries.train(tmp_path / "a", "--gin.TRAIN_STEPS=12")
+  assert baseline.returncode == 0, baseline.stderr[-3000:]
+  expected = metrics_log.read(str(tmp_path / "a" / "train" / "metrics.jsonl"))
+  assert [r["step"] for r in expected] == list(range(1, 13))
+
+  metrics = str(tmp_path / "b" / "train" / "metrics.jsonl")
+  proc = _start(tmp_path / "b", "--gin.TRAIN_STEPS=12")
+  _wait_for_steps(proc, metrics, 8)  # past checkpoint 5, before 10
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  resumed = binaries.train(tmp_path / "b", "--gin.TRAIN_STEPS=12")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Restored checkpoint for step 5" in resumed.stderr
+  got = metrics_log.read(metrics)
+  assert [r["step"] for r in got] == list(range(1, 13))
+  assert got == expected  # loss, grad norm, learning rate: every bit
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+  model_dir = tmp_path / "m"
+  proc = _start(model_dir, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_PERIOD=100000")
+  _wait_for_steps(proc, str(model_dir / "train" / "metrics.jsonl"), 3)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  steps = [int(p.name) for p in (model_dir / "checkpoints").iterdir()]
+  assert len(steps) == 1 and steps[0] >= 3
+  assert f"Stopped by SIGTERM: saved checkpoint at step {steps[0]}" in stderr
+  assert f"stopped by SIGTERM at step {steps[0]}" in stdout
+  logged = [json.loads(line)["step"] for line in
+            (model_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+  assert logged == list(range(1, steps[0] + 1))
