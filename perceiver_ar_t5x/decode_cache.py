@@ -1,0 +1,279 @@
+"""Exact cached Perceiver AR decoding: the cache and the cached forward pass.
+
+What is cached, per example:
+  * layer 0: keys/values of every input position, keys stored already rotated;
+    a new token adds one column/row and never touches the others.
+  * latent layers 1..L-1: keys/values of the current latent window.
+Keys are laid out [batch * heads, head_dim, keys] and values [batch * heads,
+keys, head_dim] (example-major): the layouts XLA's batched matrix-vector products
+read as they are, so a step writes its new column in place and reads each cache
+once, instead of transposing or copying it.
+
+Why the window is anchored. A latent's hidden state depends on where its window
+starts (it attends to the latents before it in the window), so a window that
+slides one position per step would make every cached latent key stale; rolling
+old slots off and keeping the rest (as krasserm's perceiver-io does) yields
+logits the model never computes. Here each example's window is anchored at
+`window_start` s and grows by one position per step, so the logits at position
+p equal the full forward pass with `latent_starts = s` (row p - s) exactly.
+When an example's window is full it alone is reset (paper, Sec. 3.4 keeps half
+the latents): the window restarts at s = p + 1 - fill and its latent stack is
+recomputed for those `fill` rows from the cached layer-0 keys/values.
+fill = num_latents resets every step: the window then always ends at the
+predicted position (the uncached reference, at full price).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from perceiver_ar_t5x import masks
+from perceiver_ar_t5x.layers.embedding import (Embed, LearnedPositions, OutputHead,
+                                               PositionEncoding, sinusoidal_positions)
+from perceiver_ar_t5x.layers.norms import RMSNorm
+from perceiver_ar_t5x.perceiver_ar import Block, PerceiverAR, latent_layer_params
+
+_ROW_CHUNK = 128  # layer-0 query rows per chunk when a reset attends to a long context
+
+
+@flax.struct.dataclass
+class DecodeCache:
+  """Per-example decoding state; every array has the batch on its first axis (latents: each)."""
+
+  tokens: jax.Array  # [batch, length] decoder inputs (position 0 = BOS 0)
+  position: jax.Array  # [batch] the position whose logits were computed last
+  window_start: jax.Array  # [batch] first position of the latent window
+  layer0_k: jax.Array  # [batch * heads, head_dim, length], rotated
+  layer0_v: jax.Array  # [batch * heads, length, head_dim]
+  latent_k: tuple[jax.Array, ...]  # per latent layer [batch * heads, head_dim, latents]
+  latent_v: tuple[jax.Array, ...]  # per latent layer [batch * heads, latents, head_dim]
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+            k_pos: jax.Array) -> jax.Array:
+  """q [b, q, heads, d] (scaled, rotated), k [b * heads, d, keys], v [b * heads, keys, d].
+
+  Returns [b, q, heads, d]: the masked softmax of attention.dot_product_attention
+  on the cache layout.
+  """
+  b, length, heads, d = q.shape
+  q = q.transpose(0, 2, 1, 3).reshape(b * heads, length, d)
+  logits = jnp.einsum("nqd,ndk->nqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, heads, length, -1)
+  logits = logits + masks.mask_to_bias(masks.attention_mask(q_pos, k_pos))
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b * heads, length, -1)
+  out = jnp.einsum("nqk,nkd->nqd", weights, v)
+  return out.reshape(b, heads, length, d).transpose(0, 2, 1, 3)
+
+
+def _key_values(blk: Block, y: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Normed rows [b, r, embed] -> rotated keys [b * heads, d, r], values [b * heads, r, d]."""
+  k, v = blk.attention.project_key_value(y, pos)  # [b, r, heads, d]
+  b, r, heads, d = k.shape
+  return (k.transpose(0, 2, 3, 1).reshape(b * heads, d, r),
+          v.transpose(0, 2, 1, 3).reshape(b * heads, r, d))
+
+
+def _finish(blk: Block, x: jax.Array, attended: jax.Array) -> jax.Array:
+  """Residual attention output, then the residual MLP (Block.__call__'s second half)."""
+  x = x + blk.attention.project_out(attended)
+  return x + blk.mlp(blk.pre_mlp_norm(x))
+
+
+def _rows_over_cache(blk: Block, x: jax.Array, pos: jax.Array, k: jax.Array, v: jax.Array,
+                     k_pos: jax.Array) -> jax.Array:
+  """Block on rows x [1, r, embed] whose keys are already cached; chunked over rows."""
+  rows = x.shape[1]
+  chunk = next((c for c in (_ROW_CHUNK, 64, 32, 16, 8, 4, 2) if rows % c == 0 and c < rows),
+               rows)
+
+  def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+    xc, pc = args  # [1, chunk, embed], [1, chunk]
+    y = blk.pre_attention_norm(xc)
+    return _finish(blk, xc, _attend(blk.attention.project_query(y, pc), k, v, pc, k_pos))
+
+  xs = x.reshape(rows // chunk, 1, chunk, x.shape[-1])
+  out = jax.lax.map(one, (xs, pos.reshape(rows // chunk, 1, chunk)))
+  return out.reshape(x.shape)
+
+
+def _write_column(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """Writes example b's heads new[b*h:(b+1)*h] at index[b] along `axis` (size 1 in new).
+
+  One dynamic_update_slice per example: XLA updates those in place, where a
+  scatter is expanded (on CPU) into a loop that copies the whole cache.
+  """
+  heads = cache.shape[0] // index.shape[0]
+  for b in range(index.shape[0]):
+    start = [b * heads, 0, 0]
+    start[axis] = index[b]
+    piece = new[b * heads:(b + 1) * heads].astype(cache.dtype)
+    cache = jax.lax.dynamic_update_slice(cache, piece, start)
+  return cache
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDecoder:
+  """The cached forward pass of `module` for caches of `length` positions.
+
+  Attributes:
+    module: the PerceiverAR whose params are decoded (any layer layout).
+    length: static cache length (prompt + new tokens, bucketed by the caller).
+    fill: latents kept after a reset (default num_latents // 2), in [1, latents].
+  """
+
+  module: PerceiverAR
+  length: int
+  fill: int | None = None
+
+  @property
+  def latents(self) -> int:
+    return min(self.module.num_latents, self.length)
+
+  @property
+  def reset_fill(self) -> int:
+    fill = self.latents // 2 if self.fill is None else self.fill
+    return max(1, min(fill, self.latents))
+
+  def blocks(self, params: Any) -> list[Block]:
+    """Bound blocks 0..L-1 (latent params un-stacked once, outside the decode loop)."""
+    kwargs = self.module._block_kwargs()  # pylint: disable=protected-access
+    layer_params = [params["layers_0"]] + [latent_layer_params(params, i)
+                                           for i in range(1, self.module.num_layers)]
+    return [Block(**kwargs).bind({"params": p}) for p in layer_params]
+
+  def embed(self, params: Any, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """[b, r] tokens at [b, r] positions -> [b, r, embed] (PerceiverAR.embed_tokens)."""
+    m = self.module
+    x = Embed(m.vocab_size, m.embed_dim, dtype=m.dtype).apply(
+        {"params": params["token_embedder"]}, tokens)
+    if m.position_encoding == PositionEncoding.LEARNED:
+      table = LearnedPositions(m.max_length, m.embed_dim)
+      x = x + table.apply({"params": params["position_embedder"]}, positions).astype(m.dtype)
+    elif m.position_encoding == PositionEncoding.SINUSOIDAL:
+      x = x + sinusoidal_positions(positions, m.embed_dim).astype(m.dtype)
+    return x
+
+  def head(self, params: Any, h: jax.Array) -> jax.Array:
+    """[b, r, embed] -> float32 logits [b, r, vocab]: final norm and output head."""
+    m = self.module
+    h = RMSNorm(dtype=m.dtype).apply({"params": params["decoder_norm"]}, h)
+    if m.tie_embeddings:
+      return Embed(m.vocab_size, m.embed_dim, dtype=m.dtype).apply(
+          {"params": params["token_embedder"]}, h, method=Embed.attend)
+    return OutputHead(m.vocab_size).apply({"params": params["logits_dense"]}, h)
+
+  def prefill(self, params: Any, tokens: jax.Array, prompt_lengths: jax.Array
+              ) -> tuple[DecodeCache, jax.Array]:
+    """Caches the prompts and returns logits [batch, vocab] predicting position prompt_length.
+
+    tokens: [batch, length] decoder inputs (0, prompt..., anything after);
+    prompt_lengths: [batch]. The first window holds min(latents, prompt + 1) positions.
+    """
+    batch, length = tokens.shape
+    if length != self.length:
+      raise ValueError(f"tokens must have the cache length {self.length}, got {length}")
+    blocks = self.blocks(params)
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    x = self.embed(params, tokens, pos)  # [batch, length, embed]
+    k0, v0 = _key_values(blocks[0], blocks[0].pre_attention_norm(x), pos)
+    m = self.module
+    k_shape = (batch * m.num_heads, m.head_dim, self.latents)
+    v_shape = (batch * m.num_heads, self.latents, m.head_dim)
+    p = prompt_lengths.astype(jnp.int32)
+    cache = DecodeCache(tokens=tokens.astype(jnp.int32), position=p, window_start=p,
+                        layer0_k=k0, layer0_v=v0,
+                        latent_k=tuple(jnp.zeros(k_shape, k0.dtype) for _ in blocks[1:]),
+                        latent_v=tuple(jnp.zeros(v_shape, v0.dtype) for _ in blocks[1:]))
+    start = jnp.maximum(p + 1 - self.latents, 0)
+    logits = jnp.zeros((batch, m.vocab_size), jnp.float32)
+
+    def one(b: jax.Array, carry: tuple[DecodeCache, jax.Array]):
+      return self.reset_example(params, blocks, *carry, b, start[b], self.latents)
+
+    return jax.lax.fori_loop(0, batch, one, (cache, logits))
+
+  def reset_example(self, params: Any, blocks: list[Block], cache: DecodeCache,
+                    logits: jax.Array, b: jax.Array, start: jax.Array, rows: int
+                    ) -> tuple[DecodeCache, jax.Array]:
+    """Restarts example b's window at `start`: recomputes `rows` latents from layer 0's cache.
+
+    Rows past the example's position are computed from whatever the buffers hold;
+    the causal mask keeps them from every valid row, and steps overwrite them.
+    """
+    pos = start + jnp.arange(rows, dtype=jnp.int32)[None, :]  # [1, rows]
+    x = self.embed(params, jax.lax.dynamic_slice(cache.tokens, (b, start), (1, rows)), pos)
+    heads = self.module.num_heads
+    k0 = jax.lax.dynamic_slice_in_dim(cache.layer0_k, b * heads, heads)  # [heads, d, length]
+    v0 = jax.lax.dynamic_slice_in_dim(cache.layer0_v, b * heads, heads)
+    k_pos = jnp.arange(self.length, dtype=jnp.int32)[None, :]
+    x = _rows_over_cache(blocks[0], x, pos, k0, v0, k_pos)  # [1, rows, embed]
+    latent_k, latent_v = [], []
+    for blk, ck, cv in zip(blocks[1:], cache.latent_k, cache.latent_v):
+      y = blk.pre_attention_norm(x)
+      k, v = _key_values(blk, y, pos)
+      x = _finish(blk, x, _attend(blk.attention.project_query(y, pos), k, v, pos, pos))
+      latent_k.append(jax.lax.dynamic_update_slice(ck, k, (b * heads, 0, 0)))
+      latent_v.append(jax.lax.dynamic_update_slice(cv, v, (b * heads, 0, 0)))
+    row = jax.lax.dynamic_slice_in_dim(x, cache.position[b] - start, 1, axis=1)
+    logits = logits.at[b].set(self.head(params, row)[0, 0])
+    cache = cache.replace(window_start=cache.window_start.at[b].set(start),
+                          latent_k=tuple(latent_k), latent_v=tuple(latent_v))
+    return cache, logits
+
+  def step(self, params: Any, cache: DecodeCache, advance: jax.Array
+           ) -> tuple[DecodeCache, jax.Array]:
+    """Moves examples with advance [batch] one position on; logits [batch, vocab] there.
+
+    cache.tokens must already hold the new input token at position + 1. Examples
+    that do not advance recompute their current logits (writing identical keys).
+    """
+    blocks = self.blocks(params)
+    batch, n = cache.tokens.shape[0], self.latents
+    p = cache.position + advance.astype(jnp.int32)
+    s = cache.window_start
+    x = self.embed(params, jnp.take_along_axis(cache.tokens, p[:, None], axis=1), p[:, None])
+
+    def layer(blk: Block, x: jax.Array, ck: jax.Array, cv: jax.Array, slot: jax.Array,
+              k_pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+      y = blk.pre_attention_norm(x)  # [batch, 1, embed]
+      k, v = _key_values(blk, y, p[:, None])  # [batch * heads, d, 1], [batch * heads, 1, d]
+      ck = _write_column(ck, k, slot, axis=2)
+      cv = _write_column(cv, v, slot, axis=1)
+      q = blk.attention.project_query(y, p[:, None])
+      return _finish(blk, x, _attend(q, ck, cv, p[:, None], k_pos)), ck, cv
+
+    x, k0, v0 = layer(blocks[0], x, cache.layer0_k, cache.layer0_v, p,
+                      jnp.arange(self.length, dtype=jnp.int32)[None, :])
+    # a full window's write lands on its last slot; the reset below rewrites the window
+    slot = jnp.minimum(p - s, n - 1)
+    lat_pos = s[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    latent_k, latent_v = [], []
+    for blk, ck, cv in zip(blocks[1:], cache.latent_k, cache.latent_v):
+      x, ck, cv = layer(blk, x, ck, cv, slot, lat_pos)
+      latent_k.append(ck)
+      latent_v.append(cv)
+    cache = cache.replace(position=p, layer0_k=k0, layer0_v=v0, latent_k=tuple(latent_k),
+                          latent_v=tuple(latent_v))
+    logits = self.head(params, x)[:, 0]  # [batch, vocab]
+    return self._reset_full(params, blocks, cache, logits, advance & (p - s >= n))
+
+  def _reset_full(self, params: Any, blocks: list[Block], cache: DecodeCache,
+                  logits: jax.Array, full: jax.Array) -> tuple[DecodeCache, jax.Array]:
+    """Resets, one by one, the examples whose window is full ([batch] bool)."""
+    fill = self.reset_fill
+
+    def one(b: jax.Array, carry: tuple[DecodeCache, jax.Array]):
+      start = carry[0].position[b] + 1 - fill
+      return jax.lax.cond(full[b], lambda c: self.reset_example(params, blocks, *c, b, start,
+                                                                fill), lambda c: c, carry)
+
+    def all_full(carry: tuple[DecodeCache, jax.Array]):
+      return jax.lax.fori_loop(0, full.shape[0], one, carry)
+
+    return jax.lax.cond(jnp.any(full), all_full, lambda c: c, (cache, logits))

@@ -1,0 +1,121 @@
+"""Golden check: cached decoding computes exactly what the full forward pass computes.
+
+The tiny model has 4 latents and 3 layers; prompts of 9, 2 and 0 tokens decode 12
+more, so the batch holds a prompt longer than the latents, one shorter, an empty
+one, and every example's window fills and resets several times, at different steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_ar_t5x import decoding
+from perceiver_ar_t5x.decode_cache import CachedDecoder
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
+from perceiver_ar_t5x.models import PerceiverARModel
+
+PROMPTS = np.random.default_rng(0).integers(1, 13, (3, 9)).astype(np.int32)
+LENGTHS = np.array([9, 2, 0])
+NEW = 12
+
+
+def _model(module, **overrides):
+  model = PerceiverARModel(module.clone(**overrides))
+  return model, model.init(jax.random.key(1), 10)
+
+
+def _assert_exact(model, params, result):
+  """Every decoded position's logits == one full forward pass with that step's window."""
+  rows, where = [], []
+  for b, prompt_length in enumerate(LENGTHS):
+    for p in range(prompt_length, int(result.lengths[b, 0])):
+      start = int(result.window_starts[b, 0, p])
+      assert p - model.num_latents < start <= p
+      inputs = np.pad(result.tokens[b, 0], (1, 0))[:-1]  # shifted right: BOS 0, as seqio does
+      rows.append(np.pad(inputs, (0, model.num_latents)))  # room for a whole window
+      where.append((b, p, start))
+  assert len(rows) == NEW * len(LENGTHS)
+  starts = jnp.array([s for _, _, s in where])
+  full = jax.jit(model.logits)(params, {"decoder_input_tokens": jnp.asarray(np.stack(rows))},
+                               starts)
+  for i, (b, p, start) in enumerate(where):
+    np.testing.assert_allclose(result.logits[b, 0, p], full[i, p - start], atol=1e-5, rtol=1e-5,
+                               err_msg=f"example {b}, position {p}, window start {start}")
+
+
+@pytest.mark.parametrize("fill", [None, 1])
+def test_cached_logits_equal_full_forward_at_every_position(tiny_module, fill):
+  model, params = _model(tiny_module)
+  result = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(2),
+                           decoding.SamplingConfig(temperature=1.0), fill=fill,
+                           record_logits=True)
+  _assert_exact(model, params, result)
+  starts = result.window_starts[:, 0]
+  expected_fill = 2 if fill is None else fill
+  for b, prompt_length in enumerate(LENGTHS):
+    s = starts[b, prompt_length:NEW + prompt_length]
+    resets = np.flatnonzero(np.diff(s)) + 1  # steps right after a reset
+    assert len(resets) >= 2, s
+    positions = prompt_length + resets
+    # a reset keeps `fill` latents: the window restarts fill - 1 positions back
+    np.testing.assert_array_equal(s[resets], positions - expected_fill + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    dict(position_encoding=PositionEncoding.LEARNED, tie_embeddings=True),
+    dict(position_encoding=PositionEncoding.SINUSOIDAL, scan_layers=True),
+])
+def test_exact_for_other_encodings_heads_and_layer_layouts(tiny_module, overrides):
+  model, params = _model(tiny_module, **overrides)
+  result = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(3),
+                           decoding.SamplingConfig(temperature=1.0), record_logits=True)
+  _assert_exact(model, params, result)
+
+
+def test_fill_equal_to_latents_is_the_window_ending_at_each_position(tiny_module):
+  """fill = num_latents resets every step: the sliding reference, latents = last positions."""
+  model, params = _model(tiny_module)
+  result = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(4),
+                           decoding.SamplingConfig(temperature=1.0), fill=4, record_logits=True)
+  for b, prompt_length in enumerate(LENGTHS):
+    p = np.arange(prompt_length, prompt_length + NEW)
+    np.testing.assert_array_equal(result.window_starts[b, 0, p], np.maximum(p - 3, 0))
+  _assert_exact(model, params, result)
+
+
+def test_mixed_prompt_lengths_in_a_batch_equal_each_alone(tiny_module):
+  model, params = _model(tiny_module)
+  greedy = decoding.SamplingConfig()
+  together = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(5), greedy,
+                             record_logits=True)
+  for b, prompt_length in enumerate(LENGTHS):
+    alone = decoding.decode(model, params, PROMPTS[b:b + 1, :max(prompt_length, 1)],
+                            LENGTHS[b:b + 1], NEW, jax.random.key(6), greedy, record_logits=True)
+    width = prompt_length + NEW
+    np.testing.assert_array_equal(together.tokens[b, 0, :width], alone.tokens[0, 0, :width])
+    np.testing.assert_allclose(together.logits[b, 0, :width], alone.logits[0, 0, :width],
+                               atol=1e-5)
+
+
+def test_empty_prompt_starts_from_the_start_token(tiny_module):
+  model, params = _model(tiny_module)
+  decoder = CachedDecoder(model.module, 16)
+  tokens = jnp.zeros((1, 16), jnp.int32)  # decoder input 0 = BOS at position 0
+  cache, logits = jax.jit(decoder.prefill)(params, tokens, jnp.array([0]))
+  full = jax.jit(model.logits)(params, {"decoder_input_tokens": tokens[:, :1]}, jnp.array([0]))
+  np.testing.assert_allclose(logits, full[:, 0], atol=1e-5)
+  assert int(cache.position[0]) == 0 and int(cache.window_start[0]) == 0
+
+
+def test_cache_has_the_documented_layout(tiny_module):
+  model, params = _model(tiny_module)
+  decoder = CachedDecoder(model.module, 16)
+  cache, _ = jax.jit(decoder.prefill)(params, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 9]))
+  assert cache.layer0_k.shape == (2 * 3, 8, 16)  # [batch * heads, head_dim, length]
+  assert cache.layer0_v.shape == (2 * 3, 16, 8)
+  assert len(cache.latent_k) == 2 and cache.latent_k[0].shape == (2 * 3, 8, 4)
+  np.testing.assert_array_equal(cache.window_start, [2, 6])  # windows end at the prompts
+  with pytest.raises(ValueError, match="cache length 16"):
+    decoder.prefill(params, jnp.zeros((2, 12), jnp.int32), jnp.array([5, 9]))
