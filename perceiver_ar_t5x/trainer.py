@@ -171,7 +171,9 @@ def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
     layout = pt.data_layout(part.mesh)
     ds = datasets.get_dataset(cfg, repeat=False, shard_index=layout.shard_index,
                               num_shards=layout.num_shards)
-    summary = evaluation.evaluate(eval_step, params, datasets.numpy_batches(ds), max_batches)
+    rows = cfg.batch_size // jax.process_count()
+    batches = (evaluation.pad_batch(b, rows) for b in datasets.numpy_batches(ds))
+    summary = evaluation.evaluate(eval_step, params, batches, max_batches)
     writer.write_scalars(step, summary)
     writer.flush()
     logging.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in summary.items()))

@@ -65,3 +65,20 @@ def train_in_process(model_dir: pathlib.Path, *bindings: str) -> None:
       gin.get_configurable(trainer.train)(handle_signals=False, sample_at_end=False)
     finally:
       gin.clear_config()
+
+
+def tiny_model(**overrides):
+  """The model tiny.gin builds (with macro overrides, e.g. vocab_size=259)."""
+  import gin
+
+  from perceiver_ar_t5x import launch, trainer
+  gin.clear_config()
+  with __import__("pytest").MonkeyPatch.context() as mp:
+    mp.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
+    try:
+      bindings = [f"{k.upper()} = {v!r}" for k, v in overrides.items()]
+      launch.parse_gin(["gin/tiny.gin"], ["MODEL_DIR = '/unused'", *bindings],
+                       [str(REPO / "gin")])
+      return gin.query_parameter("%MODEL").scoped_configurable_fn()
+    finally:
+      gin.clear_config()
