@@ -261,12 +261,13 @@ class CachedDecoder:
     cache = cache.replace(position=p, layer0_k=k0, layer0_v=v0, latent_k=tuple(latent_k),
                           latent_v=tuple(latent_v))
     logits = self.head(params, x)[:, 0]  # [batch, vocab]
-    return self._reset_full(params, blocks, cache, logits, advance & (p - s >= n))
+    return self.reset_full(params, cache, logits, advance & (p - s >= n), blocks)
 
-  def _reset_full(self, params: Any, blocks: list[Block], cache: DecodeCache,
-                  logits: jax.Array, full: jax.Array) -> tuple[DecodeCache, jax.Array]:
+  def reset_full(self, params: Any, cache: DecodeCache, logits: jax.Array, full: jax.Array,
+                 blocks: list[Block] | None = None) -> tuple[DecodeCache, jax.Array]:
     """Resets, one by one, the examples whose window is full ([batch] bool)."""
     fill = self.reset_fill
+    blocks = self.blocks(params) if blocks is None else blocks
 
     def one(b: jax.Array, carry: tuple[DecodeCache, jax.Array]):
       start = carry[0].position[b] + 1 - fill
