@@ -86,11 +86,16 @@ class Block(nn.Module):
                k_seg: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
     """x [batch, latents, embed]; kv_x [batch, keys, embed] or None for self-attention."""
     y = self.pre_attention_norm(x)
+    kv_scale = None
     if kv_x is None:
       kv_y, k_pos, k_seg = y, q_pos, q_seg
+    elif self.attention_kernel == AttentionKernel.CHUNKED:
+      # the same norm as the latent rows had, applied per key chunk inside the kernel
+      kv_y, kv_scale = kv_x, nn.unbox(self.pre_attention_norm.variables["params"]["scale"])
     else:
       kv_y = self.pre_attention_norm(kv_x)  # the same norm as the latent rows had
-    x = x + self.attention(y, kv_y, q_pos, k_pos, q_seg, k_seg, deterministic=deterministic)
+    x = x + self.attention(y, kv_y, q_pos, k_pos, q_seg, k_seg, kv_norm_scale=kv_scale,
+                           deterministic=deterministic)
     x = nn.with_logical_constraint(x, (pt.BATCH, pt.LATENTS, pt.EMBED))
     h = self.mlp(self.pre_mlp_norm(x), deterministic=deterministic)
     return x + self.dropout(h, deterministic=deterministic)

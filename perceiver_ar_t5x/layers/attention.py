@@ -8,6 +8,7 @@ and keys/values both the latents). Masks come from true positions (see masks.py)
 from __future__ import annotations
 
 import enum
+import functools
 
 import flax.linen as nn
 import jax
@@ -16,15 +17,17 @@ import jax.numpy as jnp
 from perceiver_ar_t5x import masks
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.layers import rotary
-from perceiver_ar_t5x.layers.chunked_attention import chunked_dot_product_attention
+from perceiver_ar_t5x.layers.norms import rms_norm
+from perceiver_ar_t5x.layers.chunked_attention import chunked_projected_attention
 
 
 class AttentionKernel(enum.Enum):
   """How softmax(q k^T) v is computed; both give the same numbers.
 
   PLAIN: materialises the [batch, heads, q_len, k_len] scores (fastest for short keys).
-  CHUNKED: online softmax over `chunk_size` keys at a time, gradient by
-    recomputation (chunked_attention.py): memory linear in k_len.
+  CHUNKED: online softmax over `chunk_size` keys at a time with the key/value
+    projection fused into the loop, gradient by recomputation
+    (chunked_attention.py): memory linear in k_len, no full-length k/v.
   """
 
   PLAIN = "plain"
@@ -49,6 +52,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.A
   logits = logits + masks.mask_to_bias(masks.attention_mask(q_pos, k_pos, q_seg, k_seg))
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def project_key_value(weights: tuple[jax.Array, ...], x: jax.Array, positions: jax.Array, *,
+                      dtype: jnp.dtype, rotary_fraction: float | None, max_timescale: float,
+                      norm_epsilon: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """x [batch, len, embed] -> rotated keys, values [batch, len, heads, head_dim].
+
+  weights: (key, value) kernels, or (key, value, norm scale) to RMS-normalise x first
+  (fused so that the CHUNKED kernel never holds the normed input at full length).
+  """
+  if len(weights) == 3:
+    x = rms_norm(x, weights[2], norm_epsilon, dtype)
+  x = x.astype(dtype)
+  k = jnp.einsum("ble,ehd->blhd", x, weights[0].astype(dtype))
+  v = jnp.einsum("ble,ehd->blhd", x, weights[1].astype(dtype))
+  if rotary_fraction is not None:
+    k = rotary.apply_rotary(k, positions, fraction=rotary_fraction, max_timescale=max_timescale)
+  return k, v
 
 
 class Attention(nn.Module):
@@ -95,10 +116,12 @@ class Attention(nn.Module):
   def project_key_value(self, x: jax.Array, positions: jax.Array
                         ) -> tuple[jax.Array, jax.Array]:
     """[batch, len, embed] -> rotated keys and values [batch, len, heads, head_dim]."""
-    x = x.astype(self.dtype)
-    k = jnp.einsum("ble,ehd->blhd", x, self.key.astype(self.dtype))
-    v = jnp.einsum("ble,ehd->blhd", x, self.value.astype(self.dtype))
-    return self._rotate(k, positions), v
+    return self._kv_fn()((self.key, self.value), x, positions)
+
+  def _kv_fn(self):
+    return functools.partial(project_key_value, dtype=self.dtype,
+                             rotary_fraction=self.rotary_fraction,
+                             max_timescale=self.max_timescale)
 
   def project_out(self, x: jax.Array) -> jax.Array:
     """[batch, len, heads, head_dim] -> [batch, len, embed]."""
@@ -112,13 +135,22 @@ class Attention(nn.Module):
 
   def __call__(self, q_in: jax.Array, kv_in: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                q_seg: jax.Array | None = None, k_seg: jax.Array | None = None, *,
+               kv_norm_scale: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
-    """q_in [batch, q_len, embed], kv_in [batch, k_len, embed] -> [batch, q_len, embed]."""
+    """q_in [batch, q_len, embed], kv_in [batch, k_len, embed] -> [batch, q_len, embed].
+
+    kv_norm_scale: if given, kv_in is RMS-normalised with this scale inside the
+    key/value projection (per chunk for the CHUNKED kernel).
+    """
     q = self.project_query(q_in, q_pos)
-    k, v = self.project_key_value(kv_in, k_pos)
+    weights = (self.key, self.value)
+    if kv_norm_scale is not None:
+      weights = weights + (kv_norm_scale,)
     if self.kernel == AttentionKernel.CHUNKED:
-      out = chunked_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg,
-                                          chunk_size=self.chunk_size)
+      out = chunked_projected_attention(q, weights, kv_in, q_pos, k_pos,
+                                        q_seg, k_seg, kv_fn=self._kv_fn(),
+                                        chunk_size=self.chunk_size)
     else:
+      k, v = self._kv_fn()(weights, kv_in, k_pos)
       out = dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg)
     return self.dropout(self.project_out(out), deterministic=deterministic)

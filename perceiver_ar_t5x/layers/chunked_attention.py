@@ -16,126 +16,121 @@ the plain kernel builds them, so both kernels compute the same function.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from perceiver_ar_t5x import masks
 
-_PAD_BIAS = 2.0 * masks.NEG_INF  # below the mask bias: pads never share a masked row's mass
+KvFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def _chunked(x: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
-  """[batch, num_chunks * chunk, ...] -> [num_chunks, batch, chunk, ...]."""
-  x = x.reshape(x.shape[0], num_chunks, chunk, *x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
+def _key_chunks(length: int, chunk: int) -> tuple[int, int]:
+  """(number of full chunks, size of the remainder chunk) along the key axis."""
+  return length // chunk, length % chunk
 
 
-def _unchunked(x: jax.Array, length: int) -> jax.Array:
-  """[num_chunks, batch, chunk, ...] -> [batch, length, ...] (drops the padding)."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+def _take(tree: Any, start: jax.Array | int, size: int) -> Any:
+  """`size` rows from `start` on axis 1 of every leaf (dynamic_slice: no copies)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), tree)
 
 
-def _split_keys(k: jax.Array, v: jax.Array, k_pos: jax.Array, k_seg: jax.Array | None,
-                chunk: int) -> tuple[jax.Array, ...]:
-  """Pads the key axis to a multiple of `chunk` and splits it into chunks."""
-  batch, length = k_pos.shape
-  num_chunks = -(-length // chunk)
-  pad = num_chunks * chunk - length
-  valid = jnp.ones((batch, length), bool)
-  if k_seg is None:
-    k_seg = jnp.zeros((batch, length), jnp.int32)
-
-  def split(x: jax.Array) -> jax.Array:
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, pad)
-    return _chunked(jnp.pad(x, widths), num_chunks, chunk)
-
-  return tuple(split(x) for x in (k, v, k_pos, k_seg, valid))
+def _scores(qt: jax.Array, kc: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
+            kp: jax.Array, ks: jax.Array | None) -> jax.Array:
+  """Masked scores f32 [batch, heads, q, chunk]; qt is [batch, heads, q, d]."""
+  s = jnp.einsum("bhqd,bkhd->bhqk", qt, kc, preferred_element_type=jnp.float32)
+  return s + masks.mask_to_bias(masks.attention_mask(q_pos, kp, q_seg, ks))
 
 
-def _chunk_bias(q_pos: jax.Array, q_seg: jax.Array | None, kp: jax.Array,
-                ks: jax.Array | None, valid: jax.Array) -> jax.Array:
-  """[batch, 1, q_len, chunk] additive bias: 0 / mask bias / padding bias."""
-  bias = masks.mask_to_bias(masks.attention_mask(q_pos, kp, q_seg, ks))
-  return jnp.where(valid[:, None, None, :], bias, _PAD_BIAS)
+def _loop(update: Callable, carry: Any, length: int, chunk: int) -> Any:
+  """Runs update(carry, start, size) over full chunks (a loop) and the remainder."""
+  full, rest = _key_chunks(length, chunk)
+  carry = jax.lax.fori_loop(0, full, lambda i, c: update(c, i * chunk, chunk), carry)
+  return update(carry, full * chunk, rest) if rest else carry
 
 
-def _scores(qt: jax.Array, kc: jax.Array, bias: jax.Array) -> jax.Array:
-  """qt [batch, heads, q, d], kc [batch, chunk, heads, d] -> f32 [batch, heads, q, chunk]."""
-  return jnp.einsum("bhqd,bkhd->bhqk", qt, kc, preferred_element_type=jnp.float32) + bias
-
-
-def _forward(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-             q_seg: jax.Array | None, k_seg: jax.Array | None, chunk: int
-             ) -> tuple[jax.Array, jax.Array]:
-  """(out [batch, q, heads, d] in v.dtype, log-sum-exp f32 [batch, heads, q])."""
+def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
+             q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
+             k_seg: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(out [batch, q, heads, d], log-sum-exp f32 [batch, heads, q])."""
   batch, q_len, heads, dim = q.shape
   qt = jnp.swapaxes(q, 1, 2)  # [batch, heads, q, d]
-  seg_on = q_seg is not None and k_seg is not None
+  out_dtype = q.dtype
 
-  def step(carry: tuple[jax.Array, ...], xs: tuple[jax.Array, ...]):
+  def update(carry: tuple[jax.Array, ...], start: jax.Array | int, size: int):
     m, l, acc = carry
-    kc, vc, kp, ks, valid = xs
-    s = _scores(qt, kc, _chunk_bias(q_pos, q_seg if seg_on else None, kp,
-                                    ks if seg_on else None, valid))
+    kp, ks = _take((k_pos, k_seg), start, size)
+    kc, vc = kv_fn(kv_params, _take(kv_in, start, size), kp)
+    s = _scores(qt, kc, q_pos, q_seg, kp, ks)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
-    l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vc,
+    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vc.dtype), vc,
                     preferred_element_type=jnp.float32)
-    return (m_new, l, acc * corr[..., None] + pv), None
+    return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
-  init = (jnp.full((batch, heads, q_len), -jnp.inf, jnp.float32),
-          jnp.zeros((batch, heads, q_len), jnp.float32),
-          jnp.zeros((batch, heads, q_len, dim), jnp.float32))
-  (m, l, acc), _ = jax.lax.scan(step, init, _split_keys(k, v, k_pos, k_seg, chunk))
-  out = jnp.swapaxes(acc / l[..., None], 1, 2).astype(v.dtype)
+  carry = (jnp.full((batch, heads, q_len), -jnp.inf, jnp.float32),
+           jnp.zeros((batch, heads, q_len), jnp.float32),
+           jnp.zeros((batch, heads, q_len, dim), jnp.float32))
+  m, l, acc = _loop(update, carry, k_pos.shape[1], chunk)
+  out = jnp.swapaxes(acc / l[..., None], 1, 2).astype(out_dtype)
   return out, m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-               q_seg: jax.Array | None, k_seg: jax.Array | None, chunk: int) -> jax.Array:
-  return _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
+               q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
+               k_seg: jax.Array | None) -> jax.Array:
+  return _forward(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg)[0]
 
 
-def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, chunk):
-  out, lse = _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, chunk)
-  return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+def _attention_fwd(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg):
+  out, lse = _forward(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg)
+  return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
-def _attention_bwd(chunk: int, residuals: tuple, d_out: jax.Array) -> tuple:
-  """Recomputes p = exp(s - lse) per chunk; dS = p * (dP - rowsum(dO * O))."""
-  q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
-  seg_on = q_seg is not None and k_seg is not None
+def _attention_bwd(kv_fn: KvFn, chunk: int, residuals: tuple, d_out: jax.Array) -> tuple:
+  """Recomputes k, v and p = exp(s - lse) per chunk; dS = p * (dP - rowsum(dO * O))."""
+  q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
   qt = jnp.swapaxes(q, 1, 2)  # [batch, heads, q, d]
-  do_t = jnp.swapaxes(d_out, 1, 2).astype(v.dtype)  # [batch, heads, q, d]
+  do_t = jnp.swapaxes(d_out, 1, 2)  # [batch, heads, q, d]
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
-  def step(dq: jax.Array, xs: tuple[jax.Array, ...]):
-    kc, vc, kp, ks, valid = xs
-    s = _scores(qt, kc, _chunk_bias(q_pos, q_seg if seg_on else None, kp,
-                                    ks if seg_on else None, valid))
-    p = jnp.exp(s - lse[..., None])  # [batch, heads, q, chunk]
-    dv = jnp.einsum("bhqk,bhqd->bkhd", p.astype(v.dtype), do_t,
+  def update(carry: tuple[Any, ...], start: jax.Array | int, size: int):
+    dq, d_params, d_in = carry
+    kp, ks = _take((k_pos, k_seg), start, size)
+    (kc, vc), kv_vjp = jax.vjp(lambda w, x: kv_fn(w, x, kp), kv_params,
+                               _take(kv_in, start, size))
+    p = jnp.exp(_scores(qt, kc, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
+    dvc = jnp.einsum("bhqk,bhqd->bkhd", p.astype(vc.dtype), do_t.astype(vc.dtype),
+                     preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bhqd,bkhd->bhqk", do_t.astype(vc.dtype), vc,
                     preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bhqd,bkhd->bhqk", do_t, vc, preferred_element_type=jnp.float32)
     ds = (p * (dp - delta[..., None])).astype(q.dtype)
-    dq = dq + jnp.einsum("bhqk,bkhd->bhqd", ds, kc, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhqk,bhqd->bkhd", ds, qt, preferred_element_type=jnp.float32)
-    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+    dq = dq + jnp.einsum("bhqk,bkhd->bhqd", ds, kc.astype(q.dtype),
+                         preferred_element_type=jnp.float32)
+    dkc = jnp.einsum("bhqk,bhqd->bkhd", ds, qt, preferred_element_type=jnp.float32)
+    dw, dx = kv_vjp((dkc.astype(kc.dtype), dvc.astype(vc.dtype)))
+    d_params = jax.tree_util.tree_map(jnp.add, d_params, dw)
+    d_in = jax.tree_util.tree_map(
+        lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start,
+                                                           axis=1), d_in, dx)
+    return dq, d_params, d_in
 
-  dq0 = jnp.zeros(qt.shape, jnp.float32)
-  dq, (dk, dv) = jax.lax.scan(step, dq0, _split_keys(k, v, k_pos, k_seg, chunk))
-  length = k.shape[1]
-  return (jnp.swapaxes(dq, 1, 2).astype(q.dtype), _unchunked(dk, length),
-          _unchunked(dv, length), None, None, None, None)
+  zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)  # noqa: E731
+  carry = (jnp.zeros(qt.shape, jnp.float32), zeros(kv_params), zeros(kv_in))
+  dq, d_params, d_in = _loop(update, carry, k_pos.shape[1], chunk)
+  return jnp.swapaxes(dq, 1, 2).astype(q.dtype), d_params, d_in, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _given_kv(_: Any, kv: tuple[jax.Array, jax.Array], __: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+  return kv
 
 
 def chunked_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -150,15 +145,42 @@ def chunked_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     k, v: [batch, k_len, heads, head_dim].
     q_pos, k_pos: [batch, q_len] / [batch, k_len] true positions (causal mask).
     q_seg, k_seg: optional segment ids for packed batches.
-    chunk_size: keys per step; the key axis is padded to a multiple of it.
+    chunk_size: keys per step (the last step takes the remainder).
 
   Returns:
-    [batch, q_len, heads, head_dim] in v.dtype.
+    [batch, q_len, heads, head_dim] in q.dtype.
+  """
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have one shape, got {k.shape} and {v.shape}")
+  return chunked_projected_attention(q, None, (k, v), q_pos, k_pos, q_seg, k_seg,
+                                     kv_fn=_given_kv, chunk_size=chunk_size)
+
+
+def chunked_projected_attention(q: jax.Array, kv_params: Any, kv_in: Any, q_pos: jax.Array,
+                                k_pos: jax.Array, q_seg: jax.Array | None = None,
+                                k_seg: jax.Array | None = None, *, kv_fn: KvFn,
+                                chunk_size: int = 1024) -> jax.Array:
+  """Attention whose keys/values are made per chunk: k, v = kv_fn(kv_params, kv_in[chunk], pos).
+
+  Fusing the key/value projection into the chunk loop means full-length keys and
+  values (and their gradients) never exist: only `kv_in` (e.g. the normed layer-0
+  input [batch, k_len, embed]) and its gradient are full length. The projection is
+  recomputed in the backward pass.
+
+  Args:
+    q: [batch, q_len, heads, head_dim], pre-scaled.
+    kv_params: pytree of weights kv_fn differentiates (gradients are returned).
+    kv_in: pytree of [batch, k_len, ...] arrays sliced along axis 1.
+    q_pos, k_pos, q_seg, k_seg: as in chunked_dot_product_attention.
+    kv_fn: (kv_params, kv_in chunk, k_pos chunk) -> (k, v) [batch, chunk, heads, head_dim].
+    chunk_size: keys per step.
   """
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != k_pos.shape:
-    raise ValueError(f"expected q [b,q,h,d], k=v [b,k,h,d], k_pos [b,k]; got "
-                     f"{q.shape}, {k.shape}, {v.shape}, {k_pos.shape}")
-  chunk = min(chunk_size, k.shape[1])
-  return _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, chunk)
+  if q.ndim != 4 or q_pos.shape != q.shape[:2] or k_pos.ndim != 2:
+    raise ValueError(f"expected q [b,q,h,d], q_pos [b,q], k_pos [b,k]; got "
+                     f"{q.shape}, {q_pos.shape}, {k_pos.shape}")
+  if q_seg is None or k_seg is None:
+    q_seg = k_seg = None
+  chunk = min(chunk_size, k_pos.shape[1])
+  return _attention(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg)
