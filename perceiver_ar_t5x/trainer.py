@@ -171,7 +171,7 @@ def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
     layout = pt.data_layout(part.mesh)
     ds = datasets.get_dataset(cfg, repeat=False, shard_index=layout.shard_index,
                               num_shards=layout.num_shards)
-    rows = cfg.batch_size // jax.process_count()
+    rows = cfg.batch_size // layout.num_shards
     batches = (evaluation.pad_batch(b, rows) for b in datasets.numpy_batches(ds))
     summary = evaluation.evaluate(eval_step, params, batches, max_batches)
     writer.write_scalars(step, summary)
