@@ -5,11 +5,12 @@ parsed anything, so a task cannot take its data directory as a constructor argum
 Instead every task reads its location from here when its dataset is built. A value set
 by `configure(...)` wins; otherwise the environment variable in `ENV_VARS` is used.
 
-Gin calls `configure` as the value of MIXTURE_OR_TASK_NAME (see gin/tasks/*.gin):
+Gin calls `configure` as the value of MIXTURE_OR_TASK_NAME (see gin/tasks/*.gin); the
+gin macros carry the environment variables' names:
 
     MIXTURE_OR_TASK_NAME = @tasks.configure()
     tasks.configure.task = 'text_bytes'
-    tasks.configure.text_files = %TEXT_FILES
+    tasks.configure.text_files = %TEXT_FILES   # None: use $TEXT_FILES
 
 so the locations are set when the trainer builds its dataset configs, and the returned
 task name is what the configs read. This is process-wide state, on purpose: it mirrors
@@ -73,8 +74,9 @@ def require(key: str, task: str) -> str:
   """`get(key)`, or a DataError that says how to set it."""
   value = get(key)
   if not value:
-    raise DataError(f"task {task!r} needs a data location: set {ENV_VARS[key]}=... or bind "
-                    f"tasks.configure.{key} in gin")
+    raise DataError(f"task {task!r} needs a data location: set the gin macro {ENV_VARS[key]} "
+                    f"(--gin.{ENV_VARS[key]}=\"'...'\") or the environment variable "
+                    f"{ENV_VARS[key]}")
   return value
 
 
