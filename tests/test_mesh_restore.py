@@ -54,6 +54,7 @@ def saved_on_4x2(tmp_path_factory):
   return model_dir, saved, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (1, 1)])
 def test_restore_on_another_mesh_continues_with_the_same_loss(saved_on_4x2, mesh_shape):
   model_dir, saved, expected = saved_on_4x2

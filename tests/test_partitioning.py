@@ -67,6 +67,7 @@ def single_device():
   return loss_and_grads(divisible_model(dropout_rate=0.1, prefix_dropout=0.3), (1, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2), (2, 4)])
 def test_loss_and_grads_do_not_depend_on_the_mesh(single_device, mesh_shape):
   loss, grads, specs = loss_and_grads(
@@ -78,6 +79,7 @@ def test_loss_and_grads_do_not_depend_on_the_mesh(single_device, mesh_shape):
     assert specs["layers_0"]["attention"]["query"] == (None, "model", None)
 
 
+@pytest.mark.slow
 def test_fsdp_and_length_sharding_do_not_change_the_numbers(single_device):
   cfg = pt.PartitioningConfig(num_partitions=2, fsdp=True, shard_length=True)
   loss, grads, specs = loss_and_grads(
