@@ -1,9 +1,11 @@
-"""MODEL_DIR/train/metrics.jsonl: one JSON line per training step.
+"""Training metrics: MODEL_DIR/train/metrics.jsonl (every step) and StepStats (summaries).
 
 TensorBoard keeps only what `stats_period` summarises; this file keeps every
 step's loss, learning rate and gradient norm exactly (float32 values round-trip
 through JSON), so an interrupted-and-resumed run can be compared bit for bit
 with an uninterrupted one, and scripts can plot a run without TensorBoard.
+StepStats sums metrics between `stats_period` lines and writes the TensorBoard
+scalars and the progress line (loss, accuracy, steps/s, ETA).
 """
 
 from __future__ import annotations

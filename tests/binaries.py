@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
+import pytest
+
+import gin
 from tests.conftest import REPO, binary_env
 
 # Short tiny runs: no mid-run eval, no sample, checkpoints every 5 steps.
@@ -47,38 +52,31 @@ def checkpoint_files(model_dir: pathlib.Path) -> dict[str, bytes]:
           if p.is_file()}
 
 
-def train_in_process(model_dir: pathlib.Path, *bindings: str) -> None:
-  """Runs the gin-configured trainer on tiny.gin inside the test process (no import cost).
-
-  Used to make checkpoints for the eval/infer binary tests; gin is cleared after.
-  """
-  import pytest
-
-  import gin
+@contextlib.contextmanager
+def tiny_gin(*bindings: str) -> Iterator[None]:
+  """tiny.gin parsed in this process as the train binary would (gin cleared after)."""
   from perceiver_ar_t5x import launch, trainer
   gin.clear_config()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
     try:
-      launch.parse_gin(["gin/tiny.gin"], [f"MODEL_DIR = '{model_dir}'", "EVAL_PERIOD = 0",
-                                          *bindings], [str(REPO / "gin")])
-      gin.get_configurable(trainer.train)(handle_signals=False, sample_at_end=False)
+      launch.parse_gin(["gin/tiny.gin"], list(bindings), [str(REPO / "gin")])
+      yield
     finally:
       gin.clear_config()
+
+
+def train_in_process(model_dir: pathlib.Path, *bindings: str) -> None:
+  """Runs the gin-configured trainer on tiny.gin inside the test process (no import cost).
+
+  Used to make checkpoints for the eval/infer/fault tests.
+  """
+  from perceiver_ar_t5x import trainer
+  with tiny_gin(f"MODEL_DIR = '{model_dir}'", "EVAL_PERIOD = 0", *bindings):
+    gin.get_configurable(trainer.train)(handle_signals=False, sample_at_end=False)
 
 
 def tiny_model(**overrides):
   """The model tiny.gin builds (with macro overrides, e.g. vocab_size=259)."""
-  import gin
-
-  from perceiver_ar_t5x import launch, trainer
-  gin.clear_config()
-  with __import__("pytest").MonkeyPatch.context() as mp:
-    mp.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
-    try:
-      bindings = [f"{k.upper()} = {v!r}" for k, v in overrides.items()]
-      launch.parse_gin(["gin/tiny.gin"], ["MODEL_DIR = '/unused'", *bindings],
-                       [str(REPO / "gin")])
-      return gin.query_parameter("%MODEL").scoped_configurable_fn()
-    finally:
-      gin.clear_config()
+  with tiny_gin("MODEL_DIR = '/unused'", *[f"{k.upper()} = {v!r}" for k, v in overrides.items()]):
+    return gin.query_parameter("%MODEL").scoped_configurable_fn()
