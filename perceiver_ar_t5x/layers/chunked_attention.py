@@ -9,6 +9,12 @@ recomputes each chunk's probabilities from the saved log-sum-exp (Alg. 2) instea
 of storing them. Live memory is O(latents x chunk_size) for scores plus the
 inputs themselves: linear in the context.
 
+`chunked_projected_attention` goes one step further for layer 0: the RMSNorm and
+key/value projection run per chunk inside the loop (and again in the backward
+pass), so only the layer-0 input and its gradient are ever full length. At 131072
+tokens this takes the train step's XLA temp memory from 2.8 GiB (plain k/v) to
+about 1 GiB, and it is also faster on CPU (the chunk's k/v stay in cache).
+
 Masks are built per chunk from true positions (masks.attention_mask), exactly as
 the plain kernel builds them, so both kernels compute the same function.
 """

@@ -82,3 +82,31 @@ def test_model_loss_and_grads_equal_with_prefix_dropout_and_segments():
   np.testing.assert_allclose(got, want, atol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                          got_grads, want_grads)
+
+
+def test_projected_attention_with_fused_norm_equals_plain():
+  """RMSNorm + k/v projection inside the chunk loop: same values and grads (incl. weights)."""
+  from perceiver_ar_t5x.layers.attention import project_key_value
+  from perceiver_ar_t5x.layers.chunked_attention import chunked_projected_attention
+
+  q, _, _, q_pos, k_pos, q_seg, k_seg = _inputs(packed=True)
+  keys = jax.random.split(jax.random.PRNGKey(5), 4)
+  x = jax.random.normal(keys[0], (BATCH, K_LEN, 6))  # [batch, keys, embed]
+  weights = (jax.random.normal(keys[1], (6, HEADS, DIM)),
+             jax.random.normal(keys[2], (6, HEADS, DIM)), 1.0 + jax.random.normal(keys[3], (6,)))
+  kv_fn = lambda w, x, pos: project_key_value(  # noqa: E731
+      w, x, pos, dtype=jnp.float32, rotary_fraction=0.5, max_timescale=1e4)
+
+  def plain(q, w, x):
+    k, v = kv_fn(w, x, k_pos)
+    return jnp.sum(jnp.sin(dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg)))
+
+  def chunked(q, w, x):
+    out = chunked_projected_attention(q, w, x, q_pos, k_pos, q_seg, k_seg, kv_fn=kv_fn,
+                                      chunk_size=5)
+    return jnp.sum(jnp.sin(out))
+
+  want = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(q, weights, x)
+  got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(q, weights, x)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                         got, want)
