@@ -19,7 +19,7 @@ import os
 import pathlib
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

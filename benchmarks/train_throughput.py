@@ -135,7 +135,7 @@ def run_case(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
   except subprocess.TimeoutExpired:
     return {**spec, "error": f"timeout after {timeout_s:.0f} s"}
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
     return {**spec, "error": f"exit {proc.returncode}: {tail[0][:300]}"}

@@ -22,7 +22,8 @@ the plain kernel builds them, so both kernels compute the same function.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
   out_dtype = q.dtype
 
   def update(carry: tuple[jax.Array, ...], start: jax.Array | int, size: int):
-    m, l, acc = carry
+    m, denom, acc = carry
     kp, ks = _take((k_pos, k_seg), start, size)
     kc, vc = kv_fn(kv_params, _take(kv_in, start, size), kp)
     s = _scores(qt, kc, q_pos, q_seg, kp, ks)
@@ -75,14 +76,14 @@ def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
     corr = jnp.exp(m - m_new)
     pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vc.dtype), vc,
                     preferred_element_type=jnp.float32)
-    return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+    return m_new, denom * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
   carry = (jnp.full((batch, heads, q_len), -jnp.inf, jnp.float32),
            jnp.zeros((batch, heads, q_len), jnp.float32),
            jnp.zeros((batch, heads, q_len, dim), jnp.float32))
-  m, l, acc = _loop(update, carry, k_pos.shape[1], chunk)
-  out = jnp.swapaxes(acc / l[..., None], 1, 2).astype(out_dtype)
-  return out, m + jnp.log(l)
+  m, denom, acc = _loop(update, carry, k_pos.shape[1], chunk)
+  out = jnp.swapaxes(acc / denom[..., None], 1, 2).astype(out_dtype)
+  return out, m + jnp.log(denom)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
