@@ -95,7 +95,7 @@ def _layer0_key_lengths(hlo: str, batch_per_device: int) -> set[int]:
   The projection is a [batch * keys, heads * head_dim] dot on each device.
   """
   pattern = (r"= f32\[(\d+),\d+\]\S* dot\([^\n]*"
-             r"layers_0/attention/attention.project_key_value/ble,ehd->blhd")
+             r"layers_0/attention/(?:attention\.project_key_value/)?ble,ehd->blhd")
   return {int(m.group(1)) // batch_per_device for m in re.finditer(pattern, hlo)}
 
 
