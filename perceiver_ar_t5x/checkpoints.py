@@ -6,14 +6,15 @@ such leftovers; read-only managers, used by eval/infer, leave them alone because
 a trainer may be writing them). A finished checkpoint that still fails to
 restore (disk corruption, a truncated file) is logged and skipped in favour of
 the previous one. The trainer moves it to `MODEL_DIR/checkpoints_corrupt/` so a
-later save of the same step can proceed; nothing is deleted.
+later save of the same step can proceed; nothing is deleted. In a multi-process
+run only process 0 moves it; the others just skip it. MODEL_DIR may be a URL
+(gs://...): orbax handles it itself, and the rest goes through `fileio`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from typing import Any
 
@@ -22,8 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from perceiver_ar_t5x import fileio, training
 from perceiver_ar_t5x import partitioning as pt
-from perceiver_ar_t5x import training
 from perceiver_ar_t5x.models import PerceiverARModel
 
 # Architecture fields stored with every checkpoint and checked against the config.
@@ -62,7 +63,7 @@ class Checkpointer:
 
   def __init__(self, model_dir: str, cfg: CheckpointConfig = CheckpointConfig(), *,
                read_only: bool = False):
-    self.model_dir = os.path.abspath(model_dir)
+    self.model_dir = fileio.absolute(model_dir)
     self.directory = os.path.join(self.model_dir, "checkpoints")
     self.cfg = cfg
     self.read_only = read_only
@@ -96,11 +97,17 @@ class Checkpointer:
       return {}
 
   def _quarantine(self, step: int) -> None:
-    """Moves an unreadable checkpoint out of orbax's sight (kept for inspection)."""
+    """Moves an unreadable checkpoint out of orbax's sight (kept for inspection).
+
+    Only process 0 moves it (the others would race on the same directory); every
+    process skips the step either way.
+    """
+    if jax.process_index() != 0:
+      return
     dest_dir = os.path.join(self.model_dir, "checkpoints_corrupt")
-    os.makedirs(dest_dir, exist_ok=True)
+    fileio.gfile.makedirs(dest_dir)
     dest = os.path.join(dest_dir, f"{step}-{int(time.time())}")
-    shutil.move(os.path.join(self.directory, str(step)), dest)
+    fileio.gfile.rename(os.path.join(self.directory, str(step)), dest)
     logging.warning("Moved unreadable checkpoint %d to %s", step, dest)
     self._manager.reload()
 
@@ -148,13 +155,14 @@ def resolve_path(path: str) -> tuple[str, int | None]:
 
   Accepts MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>.
   """
-  path = os.path.abspath(path.rstrip("/"))
+  path = fileio.absolute(path.rstrip("/"))
   base, parent = os.path.basename(path), os.path.dirname(path)
-  if base.isdigit() and os.path.basename(parent) == "checkpoints" and os.path.isdir(path):
+  isdir = fileio.gfile.isdir
+  if base.isdigit() and os.path.basename(parent) == "checkpoints" and isdir(path):
     return os.path.dirname(parent), int(base)
-  if base == "checkpoints" and os.path.isdir(path):
+  if base == "checkpoints" and isdir(path):
     return parent, None
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if isdir(os.path.join(path, "checkpoints")):
     return path, None
   raise CheckpointError(f"no checkpoint at {path!r}: expected MODEL_DIR, MODEL_DIR/checkpoints "
                         f"or MODEL_DIR/checkpoints/<step>")

@@ -28,7 +28,7 @@ import numpy as np
 import seqio
 from clu import metric_writers
 
-from perceiver_ar_t5x import checkpoints, datasets, models, slicing, training
+from perceiver_ar_t5x import checkpoints, datasets, fileio, models, slicing, training
 from perceiver_ar_t5x import partitioning as pt
 
 Batch = Mapping[str, np.ndarray]
@@ -214,14 +214,13 @@ def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets
                      byte_count=byte_counter(vocab, mode, model.num_latents))
   summary["step"] = float(step)
   output_dir = output_dir or os.path.join(checkpoints.resolve_path(checkpoint_path)[0], "eval")
-  os.makedirs(output_dir, exist_ok=True)
+  fileio.gfile.makedirs(output_dir)
   writer = metric_writers.create_default_writer(output_dir, just_logging=jax.process_index() > 0)
   writer.write_scalars(step, {f"{mode.value}/{k}": v for k, v in summary.items()})
   writer.close()
   name = f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}-{mode.value}-{step}.json"
   path = os.path.join(output_dir, name)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"checkpoint": checkpoint_path, "mode": mode.value, "stride": stride, **summary},
-              f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  fileio.write_atomic(path, json.dumps(
+      {"checkpoint": checkpoint_path, "mode": mode.value, "stride": stride, **summary},
+      indent=1, sort_keys=True))
   return summary, path

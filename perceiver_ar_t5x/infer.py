@@ -15,7 +15,7 @@ import sys
 from absl import app
 
 import gin
-from perceiver_ar_t5x import inference, launch, trainer
+from perceiver_ar_t5x import fileio, inference, launch, trainer
 
 infer = inference.infer  # `infer_script.infer` in gin
 train = trainer.train  # run gin files bind `train_script.train`; they parse here too
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     launch.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
     launch.init_multiprocess()
     path = gin.get_configurable(infer)()
-  with open(path) as f:
+  with fileio.gfile.GFile(path) as f:
     lines = f.readlines()
   print(f"wrote {len(lines)} predictions to {path}")
   if lines:

@@ -7,6 +7,7 @@ so the decoder behind it can change without touching the binaries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 import seqio
 
-from perceiver_ar_t5x import checkpoints, datasets, decoding, slicing
+from perceiver_ar_t5x import checkpoints, datasets, decoding, fileio, slicing
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.models import PerceiverARModel
 
@@ -57,10 +58,10 @@ def encode_text(vocab: seqio.Vocabulary, value: Any) -> np.ndarray:
 
 def prompts_from_file(path: str, vocab: seqio.Vocabulary) -> list[Prompt]:
   """A `.jsonl` file ({"inputs": str | [ids]} per line) or a text file (a prompt per line)."""
-  if not os.path.isfile(path):
+  if not fileio.gfile.exists(path) or fileio.gfile.isdir(path):
     raise InferenceError(f"prompt file {path!r} does not exist")
   prompts = []
-  with open(path) as f:
+  with fileio.gfile.GFile(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -142,11 +143,7 @@ def midi_writer(task_name: str, vocab: seqio.Vocabulary) -> Any:
 
 def write_predictions(path: str, records: Sequence[dict[str, Any]]) -> None:
   """Writes jsonl atomically (a killed run leaves no half file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  os.replace(path + ".tmp", path)
+  fileio.write_atomic(fileio.absolute(path), [json.dumps(r) + "\n" for r in records])
 
 
 def sample_from_split(model: PerceiverARModel, params: Any, cfg: datasets.DatasetConfig,
@@ -202,8 +199,9 @@ def infer(*, model: PerceiverARModel, checkpoint_path: str, output_dir: str,
     if p.targets is not None:
       record["targets"] = decode_text(vocab, p.targets)
     if to_midi is not None:
-      os.makedirs(output_dir, exist_ok=True)
-      to_midi(np.concatenate([p.tokens, cont]), f"{stem}-{i}.mid")
+      fileio.gfile.makedirs(output_dir)
+      fileio.write_via_local(f"{stem}-{i}.mid",
+                             functools.partial(to_midi, np.concatenate([p.tokens, cont])))
       record["midi"] = os.path.basename(f"{stem}-{i}.mid")
     records.append(record)
   write_predictions(stem + ".jsonl", records)

@@ -11,7 +11,6 @@ scalars and the progress line (loss, accuracy, steps/s, ETA).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 
+from perceiver_ar_t5x import fileio
 from perceiver_ar_t5x.models import summarize_metrics
 
 _KEYS = ("loss", "grad_norm", "learning_rate")
@@ -27,10 +27,10 @@ _SUM_KEYS = ("loss_sum", "nll_sum", "z_loss_sum", "correct_sum", "weight_sum")
 
 def read(path: str) -> list[dict[str, Any]]:
   """The records in `path`, skipping a torn last line (the writer was killed mid-line)."""
-  if not os.path.exists(path):
+  if not fileio.gfile.exists(path):
     return []
   records = []
-  with open(path) as f:
+  with fileio.gfile.GFile(path) as f:
     for line in f:
       try:
         records.append(json.loads(line))
@@ -57,13 +57,9 @@ class MetricsLog:
     self._file = None
     if not enabled:
       return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     kept = [r for r in read(path) if int(r.get("step", 0)) <= start_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
-    self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+    fileio.write_atomic(path, [json.dumps(r) + "\n" for r in kept])
+    self._file = fileio.gfile.GFile(path, "a")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if self._file is None:

@@ -19,15 +19,14 @@ import sys
 from absl import app, logging
 
 import gin
-from perceiver_ar_t5x import launch, trainer
+from perceiver_ar_t5x import fileio, launch, trainer
 
 train = trainer.train  # the gin-configured entry point, `train_script.train` in gin
 
 
 def _write_config(model_dir: str, text: str) -> None:
-  os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(text)
+  fileio.gfile.makedirs(model_dir)
+  fileio.write_text(os.path.join(model_dir, "config.gin"), text)
 
 
 def main(argv: list[str]) -> None:

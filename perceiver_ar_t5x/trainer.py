@@ -24,7 +24,15 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from perceiver_ar_t5x import checkpoints, datasets, evaluation, inference, optimizers, training
+from perceiver_ar_t5x import (
+  checkpoints,
+  datasets,
+  evaluation,
+  fileio,
+  inference,
+  optimizers,
+  training,
+)
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.metrics_log import MetricsLog, StepStats
@@ -66,14 +74,14 @@ def check_lengths(model: PerceiverARModel, lengths: Mapping[str, int]) -> int:
 
 
 def check_model_dir(model_dir: str) -> None:
+  """Creates MODEL_DIR (a local path or a URL such as gs://...) and checks it is writable."""
   try:
-    os.makedirs(model_dir, exist_ok=True)
+    fileio.gfile.makedirs(model_dir)
     probe = os.path.join(model_dir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise TrainingError(f"MODEL_DIR {model_dir!r} is not writable: {e.strerror}") from None
+    fileio.write_text(probe, "ok")
+    fileio.gfile.remove(probe)
+  except fileio.Error as e:
+    raise TrainingError(f"MODEL_DIR {model_dir!r} is not writable: {fileio.reason(e)}") from None
 
 
 def write_model_info(model_dir: str, state: training.TrainState,
@@ -89,8 +97,7 @@ def write_model_info(model_dir: str, state: training.TrainState,
     key = jax.tree_util.keystr(path)
     lines.append(f"{key}: shape={tuple(leaf.shape)} logical={tuple(logical[key])} "
                  f"sharding={tuple(leaf.sharding.spec)}")
-  with open(os.path.join(model_dir, "model-info.txt"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fileio.write_text(os.path.join(model_dir, "model-info.txt"), "\n".join(lines) + "\n")
 
 
 def restore_or_init(model: PerceiverARModel, state: training.TrainState,
