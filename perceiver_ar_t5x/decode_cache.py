@@ -33,8 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from perceiver_ar_t5x import masks
-from perceiver_ar_t5x.layers.embedding import (Embed, LearnedPositions, OutputHead,
-                                               PositionEncoding, sinusoidal_positions)
+from perceiver_ar_t5x.layers.embedding import (
+  Embed,
+  LearnedPositions,
+  OutputHead,
+  PositionEncoding,
+  sinusoidal_positions,
+)
 from perceiver_ar_t5x.layers.norms import RMSNorm
 from perceiver_ar_t5x.perceiver_ar import Block, PerceiverAR, latent_layer_params
 
@@ -234,7 +239,7 @@ class CachedDecoder:
     that do not advance recompute their current logits (writing identical keys).
     """
     blocks = self.blocks(params)
-    batch, n = cache.tokens.shape[0], self.latents
+    n = self.latents
     p = cache.position + advance.astype(jnp.int32)
     s = cache.window_start
     x = self.embed(params, jnp.take_along_axis(cache.tokens, p[:, None], axis=1), p[:, None])

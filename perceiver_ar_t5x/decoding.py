@@ -201,7 +201,8 @@ def decode(model: PerceiverARModel, params: Any, prompts: np.ndarray,
 
   return DecodeResult(tokens=shape(out["targets"]), log_probs=shape(out["log_probs"]),
                       lengths=out["lengths"].reshape(batch, num_decodes),
-                      logits=shape(out.get("logits")), window_starts=shape(out.get("window_starts")))
+                      logits=shape(out.get("logits")),
+                      window_starts=shape(out.get("window_starts")))
 
 
 def sample(model: PerceiverARModel, params: Any, prompts: np.ndarray, prompt_lengths: np.ndarray,

@@ -16,25 +16,19 @@ import sys
 from absl import app
 
 import gin
-from perceiver_ar_t5x import evaluation, launch, trainer
+from perceiver_ar_t5x import evaluation, gin_utils, trainer
 
 evaluate = evaluation.evaluate_checkpoint  # `eval_script.evaluate` in gin
 train = trainer.train  # run gin files bind `train_script.train`; they parse here too
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  launch.setup_logging()
-  flags = launch.FLAGS
-  with launch.one_line_errors("eval"):
-    launch.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
-    launch.init_multiprocess()
+  with gin_utils.configured("eval", argv):
     metrics, path = gin.get_configurable(evaluate)()
   print("eval metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()}))
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  sys.argv = launch.rewrite_gin_args(sys.argv)
+  sys.argv = gin_utils.rewrite_gin_args(sys.argv)
   app.run(main)

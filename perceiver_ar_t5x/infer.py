@@ -15,20 +15,14 @@ import sys
 from absl import app
 
 import gin
-from perceiver_ar_t5x import fileio, inference, launch, trainer
+from perceiver_ar_t5x import fileio, gin_utils, inference, trainer
 
 infer = inference.infer  # `infer_script.infer` in gin
 train = trainer.train  # run gin files bind `train_script.train`; they parse here too
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  launch.setup_logging()
-  flags = launch.FLAGS
-  with launch.one_line_errors("infer"):
-    launch.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
-    launch.init_multiprocess()
+  with gin_utils.configured("infer", argv):
     path = gin.get_configurable(infer)()
   with fileio.gfile.GFile(path) as f:
     lines = f.readlines()
@@ -38,5 +32,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  sys.argv = launch.rewrite_gin_args(sys.argv)
+  sys.argv = gin_utils.rewrite_gin_args(sys.argv)
   app.run(main)

@@ -19,7 +19,7 @@ import sys
 from absl import app, logging
 
 import gin
-from perceiver_ar_t5x import fileio, launch, trainer
+from perceiver_ar_t5x import fileio, gin_utils, trainer
 
 train = trainer.train  # the gin-configured entry point, `train_script.train` in gin
 
@@ -30,13 +30,7 @@ def _write_config(model_dir: str, text: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  launch.setup_logging()
-  flags = launch.FLAGS
-  with launch.one_line_errors("train"):
-    launch.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
-    launch.init_multiprocess()
+  with gin_utils.configured("train", argv):
     model_dir = gin.query_parameter("%MODEL_DIR")
     trainer.check_model_dir(model_dir)
     _write_config(model_dir, gin.config_str())
@@ -55,5 +49,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  sys.argv = launch.rewrite_gin_args(sys.argv)
+  sys.argv = gin_utils.rewrite_gin_args(sys.argv)
   app.run(main)

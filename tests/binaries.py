@@ -55,12 +55,12 @@ def checkpoint_files(model_dir: pathlib.Path) -> dict[str, bytes]:
 @contextlib.contextmanager
 def tiny_gin(*bindings: str) -> Iterator[None]:
   """tiny.gin parsed in this process as the train binary would (gin cleared after)."""
-  from perceiver_ar_t5x import launch, trainer
+  from perceiver_ar_t5x import gin_utils, trainer
   gin.clear_config()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
     try:
-      launch.parse_gin(["gin/tiny.gin"], list(bindings), [str(REPO / "gin")])
+      gin_utils.parse_gin(["gin/tiny.gin"], list(bindings), [str(REPO / "gin")])
       yield
     finally:
       gin.clear_config()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import gin
-from perceiver_ar_t5x import checkpoints, datasets, launch, metrics_log, trainer
+from perceiver_ar_t5x import checkpoints, datasets, gin_utils, metrics_log, trainer
 from perceiver_ar_t5x.models import PerceiverARModel
 from tests import binaries
 from tests.conftest import REPO
@@ -26,12 +26,12 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def parse(monkeypatch):
-  """parse(files, bindings): launch.parse_gin as the binaries call it; gin cleared after."""
+  """parse(files, bindings): gin_utils.parse_gin as the binaries call it; gin cleared after."""
   monkeypatch.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
   for name in ("evaluate", "infer"):
     monkeypatch.setattr(sys.modules["__main__"], name, lambda **kw: kw, raising=False)
   gin.clear_config()
-  yield lambda files, bindings: launch.parse_gin(files, bindings, [str(REPO / "gin")])
+  yield lambda files, bindings: gin_utils.parse_gin(files, bindings, [str(REPO / "gin")])
   gin.clear_config()
 
 
@@ -41,13 +41,14 @@ def parse(monkeypatch):
     (["gin/tiny.gin", "gin/infer.gin"], ["CHECKPOINT_PATH = '/x'"], "INFER_OUTPUT_DIR"),
 ])
 def test_missing_required_macro_is_named(parse, files, bindings, macro):
-  with pytest.raises(launch.ConfigError, match=f"required gin value {macro} is not set; "
+  with pytest.raises(gin_utils.ConfigError, match=f"required gin value {macro} is not set; "
                                                f"pass --gin.{macro}="):
     parse([str(REPO / f) for f in files], bindings)
 
 
 def test_macro_typo_suggests_the_known_name(parse):
-  with pytest.raises(launch.ConfigError, match="did you mean TRAIN_STEPS.*known macros: .*BATCH"):
+  expected = "did you mean TRAIN_STEPS.*known macros: .*BATCH"
+  with pytest.raises(gin_utils.ConfigError, match=expected):
     parse([str(REPO / "gin/tiny.gin")], ["MODEL_DIR = '/x'", "TRAIN_STEP = 3"])
 
 
@@ -57,7 +58,7 @@ def test_configurable_parameter_typo_is_named(parse):
 
 
 def test_missing_gin_file_is_named(parse):
-  with pytest.raises(launch.ConfigError, match="gin file 'gin/nope.gin' not found"):
+  with pytest.raises(gin_utils.ConfigError, match="gin file 'gin/nope.gin' not found"):
     parse(["gin/nope.gin"], [])
 
 

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import gin
-from perceiver_ar_t5x import datasets, launch, trainer, training
+from perceiver_ar_t5x import datasets, gin_utils, trainer, training
 
 GIN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "gin")
 REPO = os.path.abspath(os.path.join(GIN_DIR, ".."))
@@ -29,7 +29,7 @@ def parse(monkeypatch):
 
   def run(name, bindings=()):
     gin.clear_config()
-    launch.parse_gin([f"runs/{name}"], ["MODEL_DIR = '/tmp/unused'", *bindings], [GIN_DIR])
+    gin_utils.parse_gin([f"runs/{name}"], ["MODEL_DIR = '/tmp/unused'", *bindings], [GIN_DIR])
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     cfg = gin.query_parameter("train_script.train.train_dataset_cfg").scoped_configurable_fn()
     return model, cfg

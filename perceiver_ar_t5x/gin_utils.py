@@ -166,3 +166,19 @@ def one_line_errors(binary: str) -> Iterator[None]:
     sys.stderr.flush()
     os._exit(1)  # skip atexit hooks that may print more (tf/orbax threads)
 
+
+
+@contextlib.contextmanager
+def configured(binary: str, argv: Sequence[str]) -> Iterator[None]:
+  """The common start of every binary: flags checked, logs set up, gin parsed, hosts joined.
+
+  Everything inside runs under `one_line_errors(binary)`.
+  """
+  if len(argv) > 1:
+    from absl import app
+    raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+  setup_logging()
+  with one_line_errors(binary):
+    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    init_multiprocess()
+    yield
