@@ -20,12 +20,21 @@ its own process, so peak RSS is that case's.
 
   .venv/bin/python benchmarks/decode.py            # all four cases, f32
   .venv/bin/python benchmarks/decode.py --dtype bfloat16 --prompts 3072 --batches 1
+  .venv/bin/python benchmarks/decode.py --compare-torch --prompts 3072 --batches 1 \
+      --out benchmarks/results/decode_compare_torch.json   # + krasserm perceiver-io peer
+
+--compare-torch also runs krasserm's cached generation (perceiver-io 0.11.0, HF
+`generate(num_latents=1024, use_cache=True)`, greedy) on the same config in its own
+child process, when perceiver-io is installed (never a dependency: see
+ENVIRONMENT.md), and reports its tokens/s after its first token and ours / theirs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import pathlib
 import resource
 import subprocess
@@ -101,6 +110,7 @@ def run_case(prompt: int, batch: int, new: int, dtype: str, repeats: int) -> dic
   steady_s = max(t_all - t_one - reset_s, 1e-9)
   record = {
       "prompt": prompt, "batch": batch, "new_tokens": new, "dtype": dtype,
+      "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
       "compile_s": compile_s, "prefill_s": t_one, "peak_rss_mb": rss_mb,
       "tokens_per_s": batch * steps / (t_all - t_one),
       "steady_tokens_per_s": batch * steps / steady_s,
@@ -137,6 +147,73 @@ def _logit_diff(prompt: int, new: int, params, buffers, lengths) -> float:
   return float(jnp.max(jnp.abs(outs[0] - outs[1])))
 
 
+PEER_APPROXIMATIONS = (
+    "krasserm perceiver-io 0.11.0 CausalLanguageModel via HF generate(num_latents=1024, "
+    "use_cache=True), greedy, eos disabled, eval mode (dropout off), torch f32 on all cores",
+    "same vocab 256, width 512, 8 heads x 64 channels, 1 cross-attention + 5 latent "
+    "self-attention layers, 1024 latents, max_seq_len = prompt + new",
+    "MLP: theirs plain GELU 512->2048->512 (widening 4); ours gated GELU mlp_dim 1365, "
+    "the same ~2.1M parameters per layer",
+    "positions: theirs learned absolute embedding + rotary on half of each head's channels "
+    "in the cross-attention and first self-attention layer; ours rotary on half of each "
+    "head's channels in every layer, no absolute embedding",
+    "window: theirs slides (1024 latents every step once full, prefix grows by one); ours "
+    "resets each example to `fill` latents, so its latent caches average (fill + 1024) / 2",
+    "norms/output: theirs LayerNorm, no final norm, tied embedding + bias; ours RMSNorm, "
+    "final RMSNorm, untied output head (256 x 512 more parameters)",
+)
+
+
+def torch_peer_available() -> bool:
+  return all(importlib.util.find_spec(m) for m in ("torch", "perceiver", "transformers"))
+
+
+def _torch_generate(model, tokens, new: int):
+  import torch
+  with torch.inference_mode():
+    return model.generate(input_ids=tokens, num_latents=1024, max_new_tokens=new,
+                          min_new_tokens=new, use_cache=True, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+
+
+def run_torch_case(prompt: int, batch: int, new: int, repeats: int) -> dict:
+  """krasserm's cached generation on the same config, in this (child) process."""
+  import perceiver
+  import torch
+  from perceiver.model.text import clm
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  config = clm.CausalLanguageModelConfig(
+      vocab_size=256, max_seq_len=prompt + new, max_latents=1024, num_channels=512,
+      num_heads=8, num_self_attention_layers=5, self_attention_widening_factor=4,
+      cross_attention_widening_factor=4, cross_attention_dropout=0.0,
+      post_attention_dropout=0.0, residual_dropout=0.0)
+  hf_config = clm.PerceiverCausalLanguageModelConfig(config)
+  hf_config.is_decoder = True
+  model = clm.PerceiverCausalLanguageModel(hf_config).eval()
+  prompts = np.random.default_rng(0).integers(1, 256, (batch, prompt))
+  tokens = torch.from_numpy(prompts).long()
+  out = _torch_generate(model, tokens, new)  # warm-up; also checks the length
+  assert out.shape == (batch, prompt + new), out.shape
+  t_one = min(_wall(lambda: _torch_generate(model, tokens, 1)) for _ in range(repeats))
+  t_all = min(_wall(lambda: _torch_generate(model, tokens, new)) for _ in range(repeats))
+  return {
+      "impl": f"krasserm perceiver-io {getattr(perceiver, '__version__', '0.11.0')}",
+      "torch": torch.__version__, "threads": torch.get_num_threads(),
+      "params": sum(p.numel() for p in model.parameters()),
+      "prompt": prompt, "batch": batch, "new_tokens": new, "dtype": "float32",
+      "prefill_s": t_one, "tokens_per_s": batch * (new - 1) / (t_all - t_one),
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "approximations": list(PEER_APPROXIMATIONS),
+  }
+
+
+def _wall(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--prompts", default="3072,16384")
@@ -144,26 +221,53 @@ def main() -> None:
   parser.add_argument("--new", type=int, default=256)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--compare-torch", action="store_true",
+                      help="also run krasserm perceiver-io's cached generation (if installed)")
   parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child: "prompt,batch"
+  parser.add_argument("--torch-case", default=None, help=argparse.SUPPRESS)  # child, peer
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
-  if args.case:
-    prompt, batch = map(int, args.case.split(","))
-    print(json.dumps(run_case(prompt, batch, args.new, args.dtype, args.repeats)))
+  if args.case or args.torch_case:
+    prompt, batch = map(int, (args.case or args.torch_case).split(","))
+    run = run_case if args.case else run_torch_case
+    extra = (args.dtype,) if args.case else ()
+    print(json.dumps(run(prompt, batch, args.new, *extra, repeats=args.repeats)))
     return
+  compare = args.compare_torch and torch_peer_available()
+  if args.compare_torch and not compare:
+    print("--compare-torch: perceiver-io/torch/transformers not installed; skipping the peer")
   records = []
   for prompt in map(int, args.prompts.split(",")):
     for batch in map(int, args.batches.split(",")):
-      cmd = [sys.executable, __file__, f"--case={prompt},{batch}", f"--new={args.new}",
-             f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
-      out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-      records.append(json.loads(out.strip().splitlines()[-1]))
+      records.append(_child(args, f"--case={prompt},{batch}"))
+      if compare:
+        _add_peer(records[-1], _child(args, f"--torch-case={prompt},{batch}"))
       _print(records[-1])
   out_path = args.out or RESULTS / f"decode_{args.dtype}.json"
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps({"machine": {"cpu_count": machine.os.cpu_count()},
                                   "runs": records}, indent=2) + "\n")
   print(f"wrote {out_path}")
+
+
+def _child(args: argparse.Namespace, case: str) -> dict:
+  """Runs one case in its own process (its own peak RSS); an error becomes a record."""
+  cmd = [sys.executable, __file__, case, f"--new={args.new}", f"--dtype={args.dtype}",
+         f"--repeats={args.repeats}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    if case.startswith("--case"):
+      sys.exit(f"decode.py: error: {case} failed:\n{proc.stderr[-2000:]}")
+    return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _add_peer(record: dict, peer: dict) -> None:
+  record["torch_peer"] = peer
+  if "error" not in peer:
+    record["ratio_vs_torch"] = record["tokens_per_s"] / peer["tokens_per_s"]
+    record["steady_ratio_vs_torch"] = record["steady_tokens_per_s"] / peer["tokens_per_s"]
+    record["torch_fraction_of_our_bound"] = peer["tokens_per_s"] / record["bound_tokens_per_s"]
 
 
 def _print(r: dict) -> None:
@@ -174,6 +278,18 @@ def _print(r: dict) -> None:
         f"reset {1e3 * r['reset_s']:.0f} ms ({r['reset_amortised_ms_per_step']:.2f} ms/step "
         f"amortised); compile {r['compile_s']:.1f} s, prefill {r['prefill_s']:.1f} s, "
         f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+  peer = r.get("torch_peer")
+  if peer and "error" in peer:
+    print(f"  krasserm peer failed: {peer['error']}", flush=True)
+  elif peer:
+    print(f"  krasserm {peer['impl']} (torch {peer['torch']}, {peer['threads']} threads, "
+          f"{peer['params'] / 1e6:.2f}M params vs ours {r['params'] / 1e6:.2f}M): "
+          f"{peer['tokens_per_s']:.1f} tok/s after its first token "
+          f"(prefill {peer['prefill_s']:.1f} s, peak RSS {peer['peak_rss_mb']:.0f} MB) -> "
+          f"ours/theirs {r['ratio_vs_torch']:.2f}x ({r['steady_ratio_vs_torch']:.2f}x steady)",
+          flush=True)
+    for line in peer["approximations"]:
+      print(f"    approximation: {line}", flush=True)
 
 
 if __name__ == "__main__":
