@@ -77,12 +77,7 @@ def bytes_per_token(module: PerceiverAR, params, prompt: int, new: int, batch: i
 
 
 def _best(fn, repeats: int) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
+  return machine.best_seconds(fn, repeats, warmup=False)
 
 
 def run_case(prompt: int, batch: int, new: int, dtype: str, repeats: int) -> dict:
@@ -107,12 +102,15 @@ def run_case(prompt: int, batch: int, new: int, dtype: str, repeats: int) -> dic
   reset_s = _time_reset(decoder, params, full[0], lengths, repeats)
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   steps = new - 1
-  steady_s = max(t_all - t_one - reset_s, 1e-9)
+  # Steady = whole run - prefill - the separately timed reset; when the run is so short
+  # that this is not positive, the split is meaningless and reported as NaN.
+  steady_s = t_all - t_one - reset_s
+  steady_s = steady_s if steady_s > 0 else float("nan")
   record = {
       "prompt": prompt, "batch": batch, "new_tokens": new, "dtype": dtype,
       "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
       "compile_s": compile_s, "prefill_s": t_one, "peak_rss_mb": rss_mb,
-      "tokens_per_s": batch * steps / (t_all - t_one),
+      "tokens_per_s": batch * steps / (t_all - t_one) if t_all > t_one else float("nan"),
       "steady_tokens_per_s": batch * steps / steady_s,
       "reset_s": reset_s, "fill": decoder.reset_fill,
       "reset_amortised_ms_per_step": 1e3 * reset_s / (decoder.latents - decoder.reset_fill),

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def _best_seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
-  """Best wall time of `fn()` (blocked), after one warm-up call that compiles."""
-  jax.block_until_ready(fn())
+def best_seconds(fn: Callable[[], jax.Array], repeats: int, *, warmup: bool = True) -> float:
+  """Best wall time of `fn()` (blocked), after one warm-up call that compiles (if `warmup`)."""
+  if warmup:
+    jax.block_until_ready(fn())
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
@@ -55,7 +56,7 @@ def matmul_peak_gflops(dtype: str = "float32", *, size: int = 2048, chain: int =
       x = jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(dtype)
     return x
 
-  seconds = _best_seconds(lambda: products(a, b), repeats)
+  seconds = best_seconds(lambda: products(a, b), repeats)
   return 2.0 * size**3 * chain / seconds / 1e9
 
 
@@ -63,7 +64,7 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, *, repeats: int = 5) -> float:
   """Streaming read bandwidth in GB/s (1e9 bytes/s) over an f32 array of `nbytes`."""
   x = jnp.ones((nbytes // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  seconds = _best_seconds(lambda: total(x), repeats)
+  seconds = best_seconds(lambda: total(x), repeats)
   return x.size * 4 / seconds / 1e9
 
 
