@@ -147,8 +147,6 @@ class PerceiverAR(nn.Module):
     max_length: rows of the learned absolute position table.
     tie_embeddings: reuse the input embedding as the output head.
     dtype: activation dtype (params are always float32).
-    remat: recompute each block's activations in the backward pass (same as
-      remat_policy=FULL; kept for older configs).
     remat_policy: what each block saves for the backward pass (RematPolicy).
     attention_kernel: PLAIN or CHUNKED attention (same numbers; CHUNKED has
       memory linear in the context, for layer 0 at long contexts).
@@ -172,7 +170,6 @@ class PerceiverAR(nn.Module):
   max_length: int = 8192
   tie_embeddings: bool = False
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
   remat_policy: RematPolicy = RematPolicy.NONE
   attention_kernel: AttentionKernel = AttentionKernel.PLAIN
   attention_chunk_size: int = 1024
@@ -187,10 +184,9 @@ class PerceiverAR(nn.Module):
                 attention_chunk_size=self.attention_chunk_size)
 
   def _remat(self, cls: type[nn.Module], **kwargs: Any) -> type[nn.Module]:
-    policy = RematPolicy.FULL if self.remat else self.remat_policy
-    if policy == RematPolicy.NONE:
+    if self.remat_policy == RematPolicy.NONE:
       return cls
-    return nn.remat(cls, policy=_POLICIES[policy], **kwargs)
+    return nn.remat(cls, policy=_POLICIES[self.remat_policy], **kwargs)
 
   def _block(self, name: str, deterministic: bool) -> Block:
     return self._remat(_FieldBlock)(**self._block_kwargs(), deterministic=deterministic,

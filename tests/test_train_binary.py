@@ -2,19 +2,15 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, binary_env
+from tests import binaries
 
 
-def run_train(model_dir: pathlib.Path, *extra: str, gin_file: str = "gin/tiny.gin"):
-  cmd = [sys.executable, "-m", "perceiver_ar_t5x.train", f"--gin_file={gin_file}",
-         f"--gin.MODEL_DIR='{model_dir}'", "--gin_search_paths=gin", *extra]
-  return subprocess.run(cmd, cwd=REPO, env=binary_env(), capture_output=True, text=True,
-                        timeout=600)
+def run_train(model_dir: pathlib.Path, *extra: str):
+  """The train binary on gin/tiny.gin with its own eval/sample settings (not binaries.FAST)."""
+  return binaries.run("train", f"--gin.MODEL_DIR='{model_dir}'", *extra)
 
 
 @pytest.mark.slow
