@@ -4,10 +4,10 @@ What is cached, per example:
   * layer 0: keys/values of every input position, keys stored already rotated;
     a new token adds one column/row and never touches the others.
   * latent layers 1..L-1: keys/values of the current latent window.
-Keys are laid out [batch * heads, head_dim, keys] and values [batch * heads,
-keys, head_dim] (example-major): the layouts XLA's batched matrix-vector products
-read as they are, so a step writes its new column in place and reads each cache
-once, instead of transposing or copying it.
+Keys and values are both laid out [batch * heads, head_dim, keys] (example-major):
+the layout XLA's batched matrix-vector products read as it is, contracting the
+contiguous axis, so a step writes its new column in place and reads each cache
+once, instead of transposing or copying it (decode_step.py has the numbers).
 
 Why the window is anchored. A latent's hidden state depends on where its window
 starts (it attends to the latents before it in the window), so a window that
@@ -32,7 +32,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from perceiver_ar_t5x import masks
+from perceiver_ar_t5x.decode_step import LayerWeights, attend, layer_weights, step_layer
 from perceiver_ar_t5x.layers.embedding import (
   Embed,
   LearnedPositions,
@@ -54,34 +54,17 @@ class DecodeCache:
   position: jax.Array  # [batch] the position whose logits were computed last
   window_start: jax.Array  # [batch] first position of the latent window
   layer0_k: jax.Array  # [batch * heads, head_dim, length], rotated
-  layer0_v: jax.Array  # [batch * heads, length, head_dim]
+  layer0_v: jax.Array  # [batch * heads, head_dim, length]
   latent_k: tuple[jax.Array, ...]  # per latent layer [batch * heads, head_dim, latents]
-  latent_v: tuple[jax.Array, ...]  # per latent layer [batch * heads, latents, head_dim]
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-            k_pos: jax.Array) -> jax.Array:
-  """q [b, q, heads, d] (scaled, rotated), k [b * heads, d, keys], v [b * heads, keys, d].
-
-  Returns [b, q, heads, d]: the masked softmax of attention.dot_product_attention
-  on the cache layout.
-  """
-  b, length, heads, d = q.shape
-  q = q.transpose(0, 2, 1, 3).reshape(b * heads, length, d)
-  logits = jnp.einsum("nqd,ndk->nqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, heads, length, -1)
-  logits = logits + masks.mask_to_bias(masks.attention_mask(q_pos, k_pos))
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b * heads, length, -1)
-  out = jnp.einsum("nqk,nkd->nqd", weights, v)
-  return out.reshape(b, heads, length, d).transpose(0, 2, 1, 3)
+  latent_v: tuple[jax.Array, ...]  # per latent layer [batch * heads, head_dim, latents]
 
 
 def _key_values(blk: Block, y: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Normed rows [b, r, embed] -> rotated keys [b * heads, d, r], values [b * heads, r, d]."""
+  """Normed rows [b, r, embed] -> rotated keys and values, each [b * heads, d, r]."""
   k, v = blk.attention.project_key_value(y, pos)  # [b, r, heads, d]
   b, r, heads, d = k.shape
   return (k.transpose(0, 2, 3, 1).reshape(b * heads, d, r),
-          v.transpose(0, 2, 1, 3).reshape(b * heads, r, d))
+          v.transpose(0, 2, 3, 1).reshape(b * heads, d, r))
 
 
 def _finish(blk: Block, x: jax.Array, attended: jax.Array) -> jax.Array:
@@ -100,26 +83,11 @@ def _rows_over_cache(blk: Block, x: jax.Array, pos: jax.Array, k: jax.Array, v: 
   def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
     xc, pc = args  # [1, chunk, embed], [1, chunk]
     y = blk.pre_attention_norm(xc)
-    return _finish(blk, xc, _attend(blk.attention.project_query(y, pc), k, v, pc, k_pos))
+    return _finish(blk, xc, attend(blk.attention.project_query(y, pc), k, v, pc, k_pos))
 
   xs = x.reshape(rows // chunk, 1, chunk, x.shape[-1])
   out = jax.lax.map(one, (xs, pos.reshape(rows // chunk, 1, chunk)))
   return out.reshape(x.shape)
-
-
-def _write_column(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
-  """Writes example b's heads new[b*h:(b+1)*h] at index[b] along `axis` (size 1 in new).
-
-  One dynamic_update_slice per example: XLA updates those in place, where a
-  scatter is expanded (on CPU) into a loop that copies the whole cache.
-  """
-  heads = cache.shape[0] // index.shape[0]
-  for b in range(index.shape[0]):
-    start = [b * heads, 0, 0]
-    start[axis] = index[b]
-    piece = new[b * heads:(b + 1) * heads].astype(cache.dtype)
-    cache = jax.lax.dynamic_update_slice(cache, piece, start)
-  return cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +156,12 @@ class CachedDecoder:
     x = self.embed(params, tokens, pos)  # [batch, length, embed]
     k0, v0 = _key_values(blocks[0], blocks[0].pre_attention_norm(x), pos)
     m = self.module
-    k_shape = (batch * m.num_heads, m.head_dim, self.latents)
-    v_shape = (batch * m.num_heads, self.latents, m.head_dim)
+    shape = (batch * m.num_heads, m.head_dim, self.latents)
     p = prompt_lengths.astype(jnp.int32)
     cache = DecodeCache(tokens=tokens.astype(jnp.int32), position=p, window_start=p,
                         layer0_k=k0, layer0_v=v0,
-                        latent_k=tuple(jnp.zeros(k_shape, k0.dtype) for _ in blocks[1:]),
-                        latent_v=tuple(jnp.zeros(v_shape, v0.dtype) for _ in blocks[1:]))
+                        latent_k=tuple(jnp.zeros(shape, k0.dtype) for _ in blocks[1:]),
+                        latent_v=tuple(jnp.zeros(shape, v0.dtype) for _ in blocks[1:]))
     start = jnp.maximum(p + 1 - self.latents, 0)
     logits = jnp.zeros((batch, m.vocab_size), jnp.float32)
 
@@ -222,7 +189,7 @@ class CachedDecoder:
     for blk, ck, cv in zip(blocks[1:], cache.latent_k, cache.latent_v):
       y = blk.pre_attention_norm(x)
       k, v = _key_values(blk, y, pos)
-      x = _finish(blk, x, _attend(blk.attention.project_query(y, pos), k, v, pos, pos))
+      x = _finish(blk, x, attend(blk.attention.project_query(y, pos), k, v, pos, pos))
       latent_k.append(jax.lax.dynamic_update_slice(ck, k, (b * heads, 0, 0)))
       latent_v.append(jax.lax.dynamic_update_slice(cv, v, (b * heads, 0, 0)))
     row = jax.lax.dynamic_slice_in_dim(x, cache.position[b] - start, 1, axis=1)
@@ -231,41 +198,40 @@ class CachedDecoder:
                           latent_k=tuple(latent_k), latent_v=tuple(latent_v))
     return cache, logits
 
-  def step(self, params: Any, cache: DecodeCache, advance: jax.Array
-           ) -> tuple[DecodeCache, jax.Array]:
+  def step_weights(self, params: Any) -> tuple[LayerWeights, ...]:
+    """Every block's kernels laid out for `step` (decode_step.py); make them once per decode."""
+    blocks = self.blocks(params)
+    layer_params = [params["layers_0"]] + [latent_layer_params(params, i)
+                                           for i in range(1, self.module.num_layers)]
+    return tuple(layer_weights(blk, p) for blk, p in zip(blocks, layer_params))
+
+  def step(self, params: Any, cache: DecodeCache, advance: jax.Array,
+           weights: tuple[LayerWeights, ...] | None = None) -> tuple[DecodeCache, jax.Array]:
     """Moves examples with advance [batch] one position on; logits [batch, vocab] there.
 
     cache.tokens must already hold the new input token at position + 1. Examples
     that do not advance recompute their current logits (writing identical keys).
+    weights: `step_weights(params)`, made outside the decode loop (else made here).
     """
     blocks = self.blocks(params)
+    weights = self.step_weights(params) if weights is None else weights
     n = self.latents
     p = cache.position + advance.astype(jnp.int32)
     s = cache.window_start
     x = self.embed(params, jnp.take_along_axis(cache.tokens, p[:, None], axis=1), p[:, None])
-
-    def layer(blk: Block, x: jax.Array, ck: jax.Array, cv: jax.Array, slot: jax.Array,
-              k_pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-      y = blk.pre_attention_norm(x)  # [batch, 1, embed]
-      k, v = _key_values(blk, y, p[:, None])  # [batch * heads, d, 1], [batch * heads, 1, d]
-      ck = _write_column(ck, k, slot, axis=2)
-      cv = _write_column(cv, v, slot, axis=1)
-      q = blk.attention.project_query(y, p[:, None])
-      return _finish(blk, x, _attend(q, ck, cv, p[:, None], k_pos)), ck, cv
-
-    x, k0, v0 = layer(blocks[0], x, cache.layer0_k, cache.layer0_v, p,
-                      jnp.arange(self.length, dtype=jnp.int32)[None, :])
+    x, k0, v0 = step_layer(blocks[0], weights[0], x[:, 0], p, cache.layer0_k, cache.layer0_v,
+                           p, jnp.arange(self.length, dtype=jnp.int32)[None, :])
     # a full window's write lands on its last slot; the reset below rewrites the window
     slot = jnp.minimum(p - s, n - 1)
     lat_pos = s[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
     latent_k, latent_v = [], []
-    for blk, ck, cv in zip(blocks[1:], cache.latent_k, cache.latent_v):
-      x, ck, cv = layer(blk, x, ck, cv, slot, lat_pos)
+    for blk, w, ck, cv in zip(blocks[1:], weights[1:], cache.latent_k, cache.latent_v):
+      x, ck, cv = step_layer(blk, w, x, p, ck, cv, slot, lat_pos)
       latent_k.append(ck)
       latent_v.append(cv)
     cache = cache.replace(position=p, layer0_k=k0, layer0_v=v0, latent_k=tuple(latent_k),
                           latent_v=tuple(latent_v))
-    logits = self.head(params, x)[:, 0]  # [batch, vocab]
+    logits = self.head(params, x[:, None])[:, 0]  # [batch, vocab]
     return self.reset_full(params, cache, logits, advance & (p - s >= n), blocks)
 
   def reset_full(self, params: Any, cache: DecodeCache, logits: jax.Array, full: jax.Array,

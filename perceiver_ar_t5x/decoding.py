@@ -122,9 +122,10 @@ def _decode_on_device(decoder: CachedDecoder, cfg: SamplingConfig, record: bool,
     state["rec_logits"] = jnp.zeros((batch, length, logits.shape[-1]), jnp.float32)
     state["rec_starts"] = jnp.zeros((batch, length), jnp.int32)
   state = _record(state, cfg)
+  weights = decoder.step_weights(params)  # laid out once, outside the loop
 
   def body(state: dict[str, Any]) -> dict[str, Any]:
-    cache, logits = decoder.step(params, state["cache"], ~state["done"])
+    cache, logits = decoder.step(params, state["cache"], ~state["done"], weights)
     return _record({**state, "cache": cache, "logits": logits}, cfg)
 
   state = jax.lax.while_loop(lambda s: jnp.any(~s["done"]), body, state)

@@ -114,7 +114,7 @@ def test_cache_has_the_documented_layout(tiny_module):
   decoder = CachedDecoder(model.module, 16)
   cache, _ = jax.jit(decoder.prefill)(params, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 9]))
   assert cache.layer0_k.shape == (2 * 3, 8, 16)  # [batch * heads, head_dim, length]
-  assert cache.layer0_v.shape == (2 * 3, 16, 8)
+  assert cache.layer0_v.shape == (2 * 3, 8, 16)  # values: the same layout
   assert len(cache.latent_k) == 2 and cache.latent_k[0].shape == (2 * 3, 8, 4)
   np.testing.assert_array_equal(cache.window_start, [2, 6])  # windows end at the prompts
   with pytest.raises(ValueError, match="cache length 16"):
