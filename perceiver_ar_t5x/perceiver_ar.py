@@ -95,7 +95,7 @@ class Block(nn.Module):
     else:
       kv_y = self.pre_attention_norm(kv_x)  # the same norm as the latent rows had
     x = x + self.attention(y, kv_y, q_pos, k_pos, q_seg, k_seg, kv_norm_scale=kv_scale,
-                           deterministic=deterministic)
+                           self_attention=kv_x is None, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (pt.BATCH, pt.LATENTS, pt.EMBED))
     h = self.mlp(self.pre_mlp_norm(x), deterministic=deterministic)
     return x + self.dropout(h, deterministic=deterministic)

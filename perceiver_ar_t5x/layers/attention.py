@@ -16,8 +16,11 @@ import jax.numpy as jnp
 
 from perceiver_ar_t5x import masks
 from perceiver_ar_t5x import partitioning as pt
-from perceiver_ar_t5x.layers import rotary
-from perceiver_ar_t5x.layers.chunked_attention import chunked_projected_attention
+from perceiver_ar_t5x.layers import matmul, rotary
+from perceiver_ar_t5x.layers.chunked_attention import (
+  block_causal_attention,
+  chunked_projected_attention,
+)
 from perceiver_ar_t5x.layers.norms import rms_norm
 
 
@@ -48,10 +51,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.A
   Returns:
     [batch, q_len, heads, head_dim]
   """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = matmul.einsum("bqhd,bkhd->bhqk", q, k, q.dtype, out_dtype=jnp.float32)
   logits = logits + masks.mask_to_bias(masks.attention_mask(q_pos, k_pos, q_seg, k_seg))
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return matmul.einsum("bhqk,bkhd->bqhd", weights, v, v.dtype)
 
 
 def project_key_value(weights: tuple[jax.Array, ...], x: jax.Array, positions: jax.Array, *,
@@ -65,8 +68,8 @@ def project_key_value(weights: tuple[jax.Array, ...], x: jax.Array, positions: j
   if len(weights) == 3:
     x = rms_norm(x, weights[2], norm_epsilon, dtype)
   x = x.astype(dtype)
-  k = jnp.einsum("ble,ehd->blhd", x, weights[0].astype(dtype))
-  v = jnp.einsum("ble,ehd->blhd", x, weights[1].astype(dtype))
+  k = matmul.einsum("ble,ehd->blhd", x, weights[0], dtype)
+  v = matmul.einsum("ble,ehd->blhd", x, weights[1], dtype)
   if rotary_fraction is not None:
     k = rotary.apply_rotary(k, positions, fraction=rotary_fraction, max_timescale=max_timescale)
   return k, v
@@ -88,6 +91,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   kernel: AttentionKernel = AttentionKernel.PLAIN
   chunk_size: int = 1024
+  causal_block: int = 128
 
   def setup(self) -> None:
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -109,8 +113,7 @@ class Attention(nn.Module):
 
   def project_query(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """[batch, len, embed] -> scaled, rotated queries [batch, len, heads, head_dim]."""
-    w = self.query.astype(self.dtype) * (self.head_dim ** -0.5)
-    q = jnp.einsum("ble,ehd->blhd", x.astype(self.dtype), w)
+    q = matmul.einsum("ble,ehd->blhd", x, self.query * (self.head_dim ** -0.5), self.dtype)
     return self._rotate(q, positions)
 
   def project_key_value(self, x: jax.Array, positions: jax.Array
@@ -125,7 +128,7 @@ class Attention(nn.Module):
 
   def project_out(self, x: jax.Array) -> jax.Array:
     """[batch, len, heads, head_dim] -> [batch, len, embed]."""
-    return jnp.einsum("blhd,hde->ble", x, self.out.astype(self.dtype))
+    return matmul.einsum("blhd,hde->ble", x, self.out, self.dtype)
 
   def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     if self.rotary_fraction is None:
@@ -135,18 +138,24 @@ class Attention(nn.Module):
 
   def __call__(self, q_in: jax.Array, kv_in: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                q_seg: jax.Array | None = None, k_seg: jax.Array | None = None, *,
-               kv_norm_scale: jax.Array | None = None,
+               kv_norm_scale: jax.Array | None = None, self_attention: bool = False,
                deterministic: bool = True) -> jax.Array:
     """q_in [batch, q_len, embed], kv_in [batch, k_len, embed] -> [batch, q_len, embed].
 
     kv_norm_scale: if given, kv_in is RMS-normalised with this scale inside the
     key/value projection (per chunk for the CHUNKED kernel).
+    self_attention: kv_in is q_in (the latent stack): block_causal_attention skips
+      the key blocks after each query block, whatever the kernel (CHUNKED and
+      PLAIN differ only for layer 0's long keys).
     """
     q = self.project_query(q_in, q_pos)
     weights = (self.key, self.value)
     if kv_norm_scale is not None:
       weights = weights + (kv_norm_scale,)
-    if self.kernel == AttentionKernel.CHUNKED:
+    if self_attention:
+      k, v = self._kv_fn()(weights, kv_in, k_pos)
+      out = block_causal_attention(q, k, v, q_pos, q_seg, block=self.causal_block)
+    elif self.kernel == AttentionKernel.CHUNKED:
       out = chunked_projected_attention(q, weights, kv_in, q_pos, k_pos,
                                         q_seg, k_seg, kv_fn=self._kv_fn(),
                                         chunk_size=self.chunk_size)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.layers import matmul
 
 
 def _kernel_init() -> nn.initializers.Initializer:
@@ -25,12 +26,12 @@ class GatedGeluMlp(nn.Module):
     embed = x.shape[-1]
     def param(name: str, shape: tuple[int, int], axes: tuple[str, str]) -> jax.Array:
       init = nn.with_logical_partitioning(_kernel_init(), axes)
-      return self.param(name, init, shape, jnp.float32).astype(self.dtype)
+      return self.param(name, init, shape, jnp.float32)
 
     wi_0 = param("wi_0", (embed, self.mlp_dim), (pt.EMBED, pt.MLP))
     wi_1 = param("wi_1", (embed, self.mlp_dim), (pt.EMBED, pt.MLP))
     wo = param("wo", (self.mlp_dim, embed), (pt.MLP, pt.EMBED))
-    x = x.astype(self.dtype)
-    hidden = nn.gelu(x @ wi_0) * (x @ wi_1)  # [batch, length, mlp]
+    gate = matmul.einsum("...e,em->...m", x, wi_0, self.dtype)
+    hidden = nn.gelu(gate) * matmul.einsum("...e,em->...m", x, wi_1, self.dtype)
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    return hidden @ wo  # [batch, length, embed]
+    return matmul.einsum("...m,me->...e", hidden, wo, self.dtype)  # [batch, length, embed]
