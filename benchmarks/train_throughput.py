@@ -8,11 +8,19 @@ in this process (benchmarks/machine.py) before and after the cases, and the best
 (the larger) peak is used for MFU.
 
 MFU counts the matmul FLOPs of the model as both implementations compute it
-(dense attention scores, no credit for causal masking), x3 for forward + backward.
+(dense attention scores, no credit for causal masking), x3 for forward + backward,
+against the peak of the case's own dtype (bf16 cases: the bf16 matmul peak). Our
+latent self-attention skips key blocks that are wholly masked, so it does less
+work than this count; the count stays the same for both implementations.
+
+Both dtypes run by default: bfloat16 = bf16 operands with f32 accumulation in every
+matmul of both passes (layers/matmul.py), f32 params and optimizer. The torch peer
+runs in f32 (lucidrains 0.0.10 fails under torch.autocast(bfloat16): its mask fill
+value -finfo(f32).max overflows bf16).
 
   .venv/bin/python benchmarks/train_throughput.py                 # 4096, 16384, 131072
   .venv/bin/python benchmarks/train_throughput.py --compare-torch # + lucidrains peer
-  .venv/bin/python benchmarks/train_throughput.py --cases 4096:2 --dtypes float32,bfloat16
+  .venv/bin/python benchmarks/train_throughput.py --cases 4096:2 --dtypes float32
 """
 
 from __future__ import annotations
@@ -185,7 +193,8 @@ def _report(results: list[dict[str, Any]], peaks: dict[str, float]) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default=DEFAULT_CASES, help="context:batch,...")
-  parser.add_argument("--dtypes", default="float32", help="activation dtypes, comma-separated")
+  parser.add_argument("--dtypes", default="float32,bfloat16",
+                      help="activation dtypes, comma-separated")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
   parser.add_argument("--kernel", choices=["PLAIN", "CHUNKED"], default=None,
                       help="attention kernel (default: CHUNKED, the faster one here)")

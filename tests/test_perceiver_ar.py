@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_t5x.layers.attention import Attention
+from perceiver_ar_t5x.layers.attention import Attention, AttentionKernel
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "tiny_param_shapes.json"
@@ -109,3 +109,24 @@ def test_param_shapes_and_logical_axes_match_golden(tiny_module):
 def test_bad_tokens_are_rejected_with_shape_in_message(tiny_module):
   with pytest.raises(ValueError, match=r"int \[batch, length\]"):
     tiny_module.init(jax.random.key(0), jnp.zeros((10,), jnp.int32))
+
+
+@pytest.mark.parametrize("kernel", list(AttentionKernel))
+def test_bfloat16_activations_track_float32_and_keep_float32_grads(tiny_module, kernel):
+  """bf16 runs the matmuls on bf16 operands (f32 accumulation); grads stay f32 and close."""
+  tiny_module = tiny_module.clone(attention_kernel=kernel, attention_chunk_size=4)
+  tokens = _tokens(length=10)
+  params = _init(tiny_module, tokens)
+
+  def loss(module):
+    def f(p):
+      logits = module.apply(p, tokens)  # [batch, latents, vocab] f32
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 3])
+    return jax.value_and_grad(f)(params)
+
+  want, want_grads = loss(tiny_module)
+  got, got_grads = loss(tiny_module.clone(dtype=jnp.bfloat16))
+  np.testing.assert_allclose(got, want, rtol=2e-2)
+  for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+    assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+    np.testing.assert_allclose(g, w, atol=5e-2 * float(jnp.max(jnp.abs(w))) + 1e-6)

@@ -51,10 +51,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.A
   Returns:
     [batch, q_len, heads, head_dim]
   """
-  logits = matmul.einsum("bqhd,bkhd->bhqk", q, k, q.dtype, out_dtype=jnp.float32)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   logits = logits + masks.mask_to_bias(masks.attention_mask(q_pos, k_pos, q_seg, k_seg))
-  weights = jax.nn.softmax(logits, axis=-1)
-  return matmul.einsum("bhqk,bkhd->bqhd", weights, v, v.dtype)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  # plain jnp.einsum, not matmul.einsum: XLA CPU has no bf16 x bf16 -> f32 kernel for
+  # some of this product's transposes (the CHUNKED kernel writes its own backward)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def project_key_value(weights: tuple[jax.Array, ...], x: jax.Array, positions: jax.Array, *,
