@@ -98,11 +98,14 @@ class CachedDecoder:
     module: the PerceiverAR whose params are decoded (any layer layout).
     length: static cache length (prompt + new tokens, bucketed by the caller).
     fill: latents kept after a reset (default num_latents // 2), in [1, latents].
+    splits: pieces each step weight's contraction is cut into, so that batch-1
+      matrix-vector products run on that many cores (decode_step.py).
   """
 
   module: PerceiverAR
   length: int
   fill: int | None = None
+  splits: int = 2
 
   @property
   def latents(self) -> int:
@@ -203,7 +206,7 @@ class CachedDecoder:
     blocks = self.blocks(params)
     layer_params = [params["layers_0"]] + [latent_layer_params(params, i)
                                            for i in range(1, self.module.num_layers)]
-    return tuple(layer_weights(blk, p) for blk, p in zip(blocks, layer_params))
+    return tuple(layer_weights(blk, p, self.splits) for blk, p in zip(blocks, layer_params))
 
   def step(self, params: Any, cache: DecodeCache, advance: jax.Array,
            weights: tuple[LayerWeights, ...] | None = None) -> tuple[DecodeCache, jax.Array]:

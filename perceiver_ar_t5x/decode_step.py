@@ -1,17 +1,24 @@
 """The one-token decoding step's pieces: cache attention, in-place cache writes, and
 Block's layer math on weights laid out once per decode for matrix-vector products.
 
-Why the layout. At batch 1 a step is a chain of about forty small matrix-vector
-products, and on XLA CPU each product pays a fixed cost on top of streaming its
-weights (measured here on a 2-core EPYC: a [512, 512] product streams at ~17 GB/s,
-a [512, 1536] one at ~30 GB/s). `StepWeights` therefore concatenates the query,
-key and value kernels (query pre-scaled by head_dim**-0.5, as
-Attention.project_query scales it) into one [embed, 3 * heads * head_dim] matrix
-and wi_0 | wi_1 into one [embed, 2 * mlp] matrix, and flattens the output
-projection to [heads * head_dim, embed] so that no weight is transposed inside the
-loop. The layer math is Block.__call__'s, term by term (norms, rotary and gelu are
-the modules' own); tests/test_decode_cache.py checks the result against the full
-forward pass.
+Why the layout. At batch 1 a step is a chain of about thirty matrix-vector
+products, and XLA CPU runs each [1, k] x [k, n] product on one thread (one core's
+read bandwidth: ~22 of the machine's ~31 GB/s on a 2-core EPYC) and pays a fixed
+cost per product on top. So `LayerWeights` (made once per decode):
+  * concatenates the query, key and value kernels (query pre-scaled by
+    head_dim**-0.5, as Attention.project_query scales it) into one matrix, and
+    wi_0 | wi_1 into one: fewer, larger products;
+  * flattens the output projection to [heads * head_dim, embed], so no weight is
+    transposed inside the loop;
+  * stores every matrix [splits, k / splits, n] (a free reshape; k zero-padded to
+    a multiple of splits): the product becomes a batched dot over the splits,
+    which XLA runs on all cores, plus a sum of `splits` partial results. With
+    splits = 2 a 76 MB chain of products streams at ~33 GB/s instead of ~23.
+Splitting only changes the order of the float additions. At larger batches the
+plain product is faster (weights are reused across rows), so `matvec` uses the
+split only for batch 1. The layer math is Block.__call__'s, term by term (norms,
+rotary and gelu are the modules' own); tests/test_decode_cache.py checks the
+result against the full forward pass.
 
 Cache layout: keys and values are both [batch * heads, head_dim, keys]. The value
 product then contracts the minor (contiguous) axis of both operands; with values
@@ -63,25 +70,44 @@ def write_column(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Arra
 
 @flax.struct.dataclass
 class LayerWeights:
-  """One Block's kernels for one-token steps (module dtype)."""
+  """One Block's kernels for one-token steps (module dtype), each [splits, k / splits, n]."""
 
-  qkv: jax.Array  # [embed, 3 * heads * head_dim]: query * head_dim**-0.5 | key | value
-  out: jax.Array  # [heads * head_dim, embed]
-  mlp_in: jax.Array  # [embed, 2 * mlp]: wi_0 | wi_1
-  mlp_out: jax.Array  # [mlp, embed]
+  qkv: jax.Array  # k = embed, n = 3 * heads * head_dim: query * head_dim**-0.5 | key | value
+  out: jax.Array  # k = heads * head_dim, n = embed
+  mlp_in: jax.Array  # k = embed, n = 2 * mlp: wi_0 | wi_1
+  mlp_out: jax.Array  # k = mlp (zero-padded to a multiple of splits), n = embed
 
 
-def layer_weights(blk: Block, params: Any) -> LayerWeights:
+def _split(w: jax.Array, splits: int) -> jax.Array:
+  """[k, n] -> [splits, ceil(k / splits), n], zero rows appended."""
+  k = w.shape[0]
+  w = jnp.pad(w, ((0, -k % splits), (0, 0)))
+  return w.reshape(splits, -1, w.shape[1])
+
+
+def layer_weights(blk: Block, params: Any, splits: int) -> LayerWeights:
   """Lays out one block's params (`params` = that block's own tree) for steps."""
   p = nn.unbox(params)
   att, mlp, dtype = p["attention"], p["mlp"], blk.dtype
   embed = att["query"].shape[0]
   query = att["query"].astype(dtype) * (blk.head_dim ** -0.5)  # as project_query scales it
   qkv = jnp.concatenate([query, att["key"].astype(dtype), att["value"].astype(dtype)], axis=1)
+  mlp_in = jnp.concatenate([mlp["wi_0"], mlp["wi_1"]], axis=1).astype(dtype)
   return LayerWeights(
-      qkv=qkv.reshape(embed, -1), out=att["out"].astype(dtype).reshape(-1, embed),
-      mlp_in=jnp.concatenate([mlp["wi_0"], mlp["wi_1"]], axis=1).astype(dtype),
-      mlp_out=mlp["wo"].astype(dtype))
+      qkv=_split(qkv.reshape(embed, -1), splits),
+      out=_split(att["out"].astype(dtype).reshape(-1, embed), splits),
+      mlp_in=_split(mlp_in, splits), mlp_out=_split(mlp["wo"].astype(dtype), splits))
+
+
+def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [b, k] times a split weight [splits, k', n] (k' * splits >= k, zero rows) -> [b, n]."""
+  splits, rows, n = w.shape
+  b = x.shape[0]
+  x = jnp.pad(x, ((0, 0), (0, splits * rows - x.shape[1])))
+  if b > 1 or splits == 1:  # weights are reused across rows: the plain product is faster
+    return x @ w.reshape(splits * rows, n)
+  parts = jnp.einsum("sbk,skn->sbn", x.reshape(b, splits, rows).transpose(1, 0, 2), w)
+  return jnp.sum(parts, axis=0)
 
 
 def _rotate(blk: Block, x: jax.Array, pos: jax.Array) -> jax.Array:
@@ -105,12 +131,12 @@ def step_layer(blk: Block, w: LayerWeights, x: jax.Array, pos: jax.Array, ck: ja
   b, heads, d = x.shape[0], blk.num_heads, blk.head_dim
   dtype = blk.dtype
   y = blk.pre_attention_norm(x).astype(dtype)
-  qkv = (y @ w.qkv).reshape(b, 3, heads, d)
+  qkv = matvec(y, w.qkv).reshape(b, 3, heads, d)
   q, k = _rotate(blk, qkv[:, 0], pos), _rotate(blk, qkv[:, 1], pos)
   ck = write_column(ck, k.reshape(b * heads, d, 1), slot)
   cv = write_column(cv, qkv[:, 2].reshape(b * heads, d, 1), slot)
   attended = attend(q[:, None], ck, cv, pos[:, None], k_pos)  # [b, 1, heads, d]
-  x = x + attended.reshape(b, heads * d).astype(dtype) @ w.out
-  h = blk.pre_mlp_norm(x).astype(dtype) @ w.mlp_in
+  x = x + matvec(attended.reshape(b, heads * d).astype(dtype), w.out)
+  h = matvec(blk.pre_mlp_norm(x).astype(dtype), w.mlp_in)
   mlp = blk.mlp.mlp_dim
-  return x + (nn.gelu(h[:, :mlp]) * h[:, mlp:]) @ w.mlp_out, ck, cv
+  return x + matvec(nn.gelu(h[:, :mlp]) * h[:, mlp:], w.mlp_out), ck, cv
