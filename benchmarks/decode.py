@@ -1,22 +1,23 @@
 """Cached decoding speed against this machine's memory-bandwidth bound.
 
 Batch-1 decoding is bound by memory bandwidth, not FLOPs: every new token reads
-each weight it passes through plus the layer-0 cache (every context position) and
-the latent caches (the current window). This script decodes 256 new tokens after
-3072- and 16384-token prompts at batch 1 and 8 on the training benchmark's model
-(vocab 256, width 512, 8 heads x 64, 6 layers = 1 cross-attention + 5 latent,
-1024 latents, gated-GELU MLP with mlp_dim 1365 = the 2.1M parameters of a plain
-4x MLP, f32), measures the machine's read bandwidth in the same run
-(benchmarks/machine.py: a reduction over 1 GiB on all cores), and reports
+each weight plus the layer-0 cache (every context position) and the latent caches
+(the current window). This script decodes 256 new tokens after 3072- and
+16384-token prompts at batch 1 and 8 on the training benchmark's model (vocab 256,
+width 512, 8 heads x 64, 6 layers = 1 cross-attention + 5 latent, 1024 latents,
+gated-GELU mlp_dim 1365, f32), measures the read bandwidth in the same run
+(benchmarks/machine.py: a 1 GiB reduction on all cores) and reports
 
-  bytes/token  = weights + batch * (layer-0 cache + latent caches) / batch, with the
-                 caches at their mean size over the run and a reset cycle;
-  bound        = bandwidth / bytes/token;  fraction = steady tokens/s / bound.
+  bytes/token = (weights + batch * valid layer-0 and latent cache entries) / batch,
+                at their mean over the steps timed (`bytes_read_per_token`: what the
+                step actually reads, whole bucketed buffers);
+  bound       = bandwidth / bytes/token;  fraction = steady tokens/s / bound.
 
-Steady tokens/s leaves resets out; each reset (recomputing `fill` latents of one
-example from the layer-0 cache) is timed alone and listed, with its cost
-amortised over the num_latents - fill steps until the next one. Each case runs in
-its own process, so peak RSS is that case's.
+Steady rate is timed directly in the one compiled loop: runs of 1, split + 1 and
+256 tokens, where steps 1..split hold every reset of the run (the first step after
+a long prompt resets), so (t(256) - t(split + 1)) covers only reset-free steps.
+The reset's cost is what the middle run takes beyond prefill and its steps. Each
+case runs in its own process, so peak RSS is that case's.
 
   .venv/bin/python benchmarks/decode.py            # all four cases, f32
   .venv/bin/python benchmarks/decode.py --dtype bfloat16 --prompts 3072 --batches 1
@@ -24,17 +25,14 @@ its own process, so peak RSS is that case's.
       --out benchmarks/results/decode_compare_torch.json   # + krasserm perceiver-io peer
 
 --compare-torch also runs krasserm's cached generation (perceiver-io 0.11.0, HF
-`generate(num_latents=1024, use_cache=True)`, greedy) on the same config in its own
-child process, when perceiver-io is installed (never a dependency: see
-ENVIRONMENT.md), and reports its tokens/s after its first token and ours / theirs.
+`generate(num_latents=1024, use_cache=True)`, greedy) in a child process when it is
+installed (never a dependency: ENVIRONMENT.md) and reports ours / theirs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import pathlib
 import resource
 import subprocess
@@ -46,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import decode_peer  # noqa: E402  (benchmarks/decode_peer.py)
 import machine  # noqa: E402  (benchmarks/machine.py)
 
 from perceiver_ar_t5x import decoding  # noqa: E402
@@ -62,77 +61,111 @@ def make_module(dtype: str, max_length: int) -> PerceiverAR:
                      dtype=jnp.dtype(dtype))
 
 
-def bytes_per_token(module: PerceiverAR, params, prompt: int, new: int, batch: int,
-                    fill: int, itemsize: int) -> dict[str, float]:
-  """What each new token must read, in bytes, with caches at their mean size."""
+def window_sizes(prompt: int, steps: int, latents: int, fill: int) -> tuple[list[int], list[int]]:
+  """Latent-window size at each step 1..steps and the steps that reset (decode_cache.py's rule).
+
+  Prefill leaves the window at positions max(prompt + 1 - latents, 0)..prompt; step i
+  predicts position prompt + i and resets when the window would exceed `latents`.
+  """
+  start, sizes, resets = max(prompt + 1 - latents, 0), [], []
+  for i in range(1, steps + 1):
+    p = prompt + i
+    if p - start >= latents:
+      start = p + 1 - fill
+      resets.append(i)
+    sizes.append(p - start + 1)
+  return sizes, resets
+
+
+def bytes_per_token(module: PerceiverAR, params, prompt: int, steps: range, batch: int,
+                    fill: int, itemsize: int, length: int) -> dict[str, float]:
+  """What each token of `steps` must read (valid cache entries), and what the step reads.
+
+  Must: all weights but the embedding table (one row per example), each example's
+  layer-0 keys/values up to its position and latent keys/values of its window, at
+  their mean over `steps`. Read: the step reads the whole bucketed layer-0 buffer
+  (`length`) and every latent slot.
+  """
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   table = module.vocab_size * module.embed_dim  # the embedding table: one row is read
   weights = (n_params - table + batch * module.embed_dim) * itemsize
   kv = 2 * module.num_heads * module.head_dim * itemsize  # one position's key + value
-  layer0 = (prompt + 1 + new / 2) * kv
-  latents = (module.num_layers - 1) * (fill + module.num_latents) / 2 * kv
+  sizes = window_sizes(prompt, steps.stop - 1, module.num_latents, fill)[0]
+  window = float(np.mean([sizes[i - 1] for i in steps]))
+  layer0 = (prompt + 1 + float(np.mean(list(steps)))) * kv
+  latents = (module.num_layers - 1) * window * kv
+  read = (length + (module.num_layers - 1) * min(module.num_latents, length)) * kv
   return {"weights_mb": weights / 1e6, "layer0_cache_mb": layer0 / 1e6,
-          "latent_cache_mb": latents / 1e6,
-          "bytes_per_token": (weights + batch * (layer0 + latents)) / batch}
+          "latent_cache_mb": latents / 1e6, "mean_window": window,
+          "bytes_per_token": (weights + batch * (layer0 + latents)) / batch,
+          "bytes_read_per_token": (weights + batch * read) / batch}
 
 
 def _best(fn, repeats: int) -> float:
   return machine.best_seconds(fn, repeats, warmup=False)
 
 
+def steady_split(prompt: int, new: int, latents: int, fill: int) -> int:
+  """Last step before the steady stretch: the run's last reset (+ 1), so steps after it
+  contain no reset; raises if fewer than 64 steps would remain."""
+  resets = window_sizes(prompt, new - 1, latents, fill)[1]
+  split = resets[-1] + 1 if resets else 1
+  if new - 1 - split < 64:
+    raise ValueError(f"only {new - 1 - split} reset-free steps after step {split}: "
+                     f"use more --new tokens")
+  return split
+
+
 def run_case(prompt: int, batch: int, new: int, dtype: str, repeats: int) -> dict:
-  """One case, in this process: compile, time, RSS, then the bandwidth bound."""
+  """One case, in this process: compile, time, RSS, then the bandwidth bound.
+
+  One compiled loop, three runs: 1 token (prefill + first token), split + 1 tokens
+  (+ steps 1..split, which hold every reset of the run) and `new` tokens. Steady
+  rate = the steps after `split` over the difference of the last two: no reset,
+  no prefill, same compiled loop.
+  """
   module = make_module(dtype, prompt + new + 16)
-  model = PerceiverARModel(module)
-  params = model.init(jax.random.key(0), 64)
+  params = PerceiverARModel(module).init(jax.random.key(0), 64)
   if dtype != "float32":
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
   prompts = np.random.default_rng(0).integers(1, 256, (batch, prompt)).astype(np.int32)
   lengths = np.full((batch,), prompt)
   full = decoding.prepare(prompts, lengths, new)
   decoder = CachedDecoder(module, full[0].shape[1])
+  split = steady_split(prompt, new, decoder.latents, decoder.reset_fill)
   rng = jax.random.key(1)
   start = time.perf_counter()
   run = decoding.compiled_decode(decoder, decoding.SamplingConfig()).lower(
       params, *full, rng).compile()
   compile_s = time.perf_counter() - start
-  one = decoding.prepare(prompts, lengths, 1, length=full[0].shape[1])
-  t_one = _best(lambda: run(params, *one, rng), repeats)  # prefill + first token
-  t_all = _best(lambda: run(params, *full, rng), repeats)  # + new - 1 steps, 1 reset each
-  reset_s = _time_reset(decoder, params, full[0], lengths, repeats)
-  rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  steps = new - 1
-  # Steady = whole run - prefill - the separately timed reset; when the run is so short
-  # that this is not positive, the split is meaningless and reported as NaN.
-  steady_s = t_all - t_one - reset_s
-  steady_s = steady_s if steady_s > 0 else float("nan")
+  times = {}
+  for tokens in (1, split + 1, new):
+    buffers = decoding.prepare(prompts, lengths, tokens, length=full[0].shape[1])
+    times[tokens] = _best(lambda b=buffers: run(params, *b, rng), repeats)
+  t_one, t_split, t_all = times[1], times[split + 1], times[new]
+  steady_s = (t_all - t_split) / (new - 1 - split)  # seconds per step, no reset in it
   record = {
       "prompt": prompt, "batch": batch, "new_tokens": new, "dtype": dtype,
       "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
-      "compile_s": compile_s, "prefill_s": t_one, "peak_rss_mb": rss_mb,
-      "tokens_per_s": batch * steps / (t_all - t_one) if t_all > t_one else float("nan"),
-      "steady_tokens_per_s": batch * steps / steady_s,
-      "reset_s": reset_s, "fill": decoder.reset_fill,
-      "reset_amortised_ms_per_step": 1e3 * reset_s / (decoder.latents - decoder.reset_fill),
+      "compile_s": compile_s, "prefill_s": t_one,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "steady_steps": f"{split + 1}..{new - 1}", "steady_ms_per_step": 1e3 * steady_s,
+      "steady_tokens_per_s": batch / steady_s,
+      "tokens_per_s": batch * (new - 1) / (t_all - t_one),  # every step, resets included
+      "resets_in_run": len(window_sizes(prompt, new - 1, decoder.latents,
+                                        decoder.reset_fill)[1]),
+      "reset_s": (t_split - t_one) - split * steady_s, "fill": decoder.reset_fill,
   }
-  record.update(bytes_per_token(module, params, prompt, new, batch, decoder.reset_fill,
-                                jnp.dtype(dtype).itemsize))
+  record["reset_amortised_ms_per_step"] = 1e3 * record["reset_s"] / (
+      decoder.latents - decoder.reset_fill)
+  record.update(bytes_per_token(module, params, prompt, range(split + 1, new), batch,
+                                decoder.reset_fill, jnp.dtype(dtype).itemsize, decoder.length))
   record["read_bandwidth_gbs"] = machine.read_bandwidth_gbs(repeats=10)
   record["bound_tokens_per_s"] = record["read_bandwidth_gbs"] * 1e9 / record["bytes_per_token"]
   record["fraction_of_bound"] = record["steady_tokens_per_s"] / record["bound_tokens_per_s"]
   if dtype != "float32":
     record["max_abs_logit_diff_vs_f32"] = _logit_diff(prompt, new, params, full, lengths)
   return record
-
-
-def _time_reset(decoder: CachedDecoder, params, inputs, lengths, repeats: int) -> float:
-  """Seconds to reset every example's window once (the decode loop does it per example)."""
-  cache, logits = jax.jit(decoder.prefill)(params, inputs, jnp.asarray(lengths))
-  full = jnp.ones(lengths.shape, bool)
-  reset = jax.jit(lambda p, c, lg: decoder.reset_full(p, c.replace(position=c.position + 1),
-                                                      lg, full))
-  jax.block_until_ready(reset(params, cache, logits))
-  return _best(lambda: reset(params, cache, logits), repeats)
 
 
 def _logit_diff(prompt: int, new: int, params, buffers, lengths) -> float:
@@ -143,73 +176,6 @@ def _logit_diff(prompt: int, new: int, params, buffers, lengths) -> float:
     p = jax.tree_util.tree_map(lambda x, d=dtype: x.astype(d), params)
     outs.append(jax.jit(decoder.prefill)(p, buffers[0], jnp.asarray(lengths))[1])
   return float(jnp.max(jnp.abs(outs[0] - outs[1])))
-
-
-PEER_APPROXIMATIONS = (
-    "krasserm perceiver-io 0.11.0 CausalLanguageModel via HF generate(num_latents=1024, "
-    "use_cache=True), greedy, eos disabled, eval mode (dropout off), torch f32 on all cores",
-    "same vocab 256, width 512, 8 heads x 64 channels, 1 cross-attention + 5 latent "
-    "self-attention layers, 1024 latents, max_seq_len = prompt + new",
-    "MLP: theirs plain GELU 512->2048->512 (widening 4); ours gated GELU mlp_dim 1365, "
-    "the same ~2.1M parameters per layer",
-    "positions: theirs learned absolute embedding + rotary on half of each head's channels "
-    "in the cross-attention and first self-attention layer; ours rotary on half of each "
-    "head's channels in every layer, no absolute embedding",
-    "window: theirs slides (1024 latents every step once full, prefix grows by one); ours "
-    "resets each example to `fill` latents, so its latent caches average (fill + 1024) / 2",
-    "norms/output: theirs LayerNorm, no final norm, tied embedding + bias; ours RMSNorm, "
-    "final RMSNorm, untied output head (256 x 512 more parameters)",
-)
-
-
-def torch_peer_available() -> bool:
-  return all(importlib.util.find_spec(m) for m in ("torch", "perceiver", "transformers"))
-
-
-def _torch_generate(model, tokens, new: int):
-  import torch
-  with torch.inference_mode():
-    return model.generate(input_ids=tokens, num_latents=1024, max_new_tokens=new,
-                          min_new_tokens=new, use_cache=True, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
-
-
-def run_torch_case(prompt: int, batch: int, new: int, repeats: int) -> dict:
-  """krasserm's cached generation on the same config, in this (child) process."""
-  import perceiver
-  import torch
-  from perceiver.model.text import clm
-  torch.set_num_threads(os.cpu_count() or 1)
-  torch.manual_seed(0)
-  config = clm.CausalLanguageModelConfig(
-      vocab_size=256, max_seq_len=prompt + new, max_latents=1024, num_channels=512,
-      num_heads=8, num_self_attention_layers=5, self_attention_widening_factor=4,
-      cross_attention_widening_factor=4, cross_attention_dropout=0.0,
-      post_attention_dropout=0.0, residual_dropout=0.0)
-  hf_config = clm.PerceiverCausalLanguageModelConfig(config)
-  hf_config.is_decoder = True
-  model = clm.PerceiverCausalLanguageModel(hf_config).eval()
-  prompts = np.random.default_rng(0).integers(1, 256, (batch, prompt))
-  tokens = torch.from_numpy(prompts).long()
-  out = _torch_generate(model, tokens, new)  # warm-up; also checks the length
-  assert out.shape == (batch, prompt + new), out.shape
-  t_one = min(_wall(lambda: _torch_generate(model, tokens, 1)) for _ in range(repeats))
-  t_all = min(_wall(lambda: _torch_generate(model, tokens, new)) for _ in range(repeats))
-  return {
-      "impl": f"krasserm perceiver-io {getattr(perceiver, '__version__', '0.11.0')}",
-      "torch": torch.__version__, "threads": torch.get_num_threads(),
-      "params": sum(p.numel() for p in model.parameters()),
-      "prompt": prompt, "batch": batch, "new_tokens": new, "dtype": "float32",
-      "prefill_s": t_one, "tokens_per_s": batch * (new - 1) / (t_all - t_one),
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "approximations": list(PEER_APPROXIMATIONS),
-  }
-
-
-def _wall(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def main() -> None:
@@ -227,11 +193,11 @@ def main() -> None:
   args = parser.parse_args()
   if args.case or args.torch_case:
     prompt, batch = map(int, (args.case or args.torch_case).split(","))
-    run = run_case if args.case else run_torch_case
+    run = run_case if args.case else decode_peer.run_torch_case
     extra = (args.dtype,) if args.case else ()
     print(json.dumps(run(prompt, batch, args.new, *extra, repeats=args.repeats)))
     return
-  compare = args.compare_torch and torch_peer_available()
+  compare = args.compare_torch and decode_peer.available()
   if args.compare_torch and not compare:
     print("--compare-torch: perceiver-io/torch/transformers not installed; skipping the peer")
   records = []
@@ -243,9 +209,23 @@ def main() -> None:
       _print(records[-1])
   out_path = args.out or RESULTS / f"decode_{args.dtype}.json"
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps({"machine": {"cpu_count": machine.os.cpu_count()},
-                                  "runs": records}, indent=2) + "\n")
+  out = {"machine": {"cpu_count": machine.os.cpu_count()}, "command": " ".join(sys.argv),
+         "runs": records, "batch_ratios": batch_ratios(records)}
+  for line in out["batch_ratios"]:
+    print(f"prompt {line['prompt']}: batch {line['batch']} / batch 1 steady tok/s = "
+          f"{line['measured']:.2f}x (the bandwidth model allows {line['bound']:.2f}x)")
+  out_path.write_text(json.dumps(out, indent=2) + "\n")
   print(f"wrote {out_path}")
+
+
+def batch_ratios(records: list[dict]) -> list[dict]:
+  """Steady tok/s of each larger batch over batch 1 at the same prompt, and the bound's ratio
+  at equal bandwidth (bytes/token of batch 1 over that batch's)."""
+  ones = {r["prompt"]: r for r in records if r["batch"] == 1}
+  return [{"prompt": r["prompt"], "batch": r["batch"],
+           "measured": r["steady_tokens_per_s"] / ones[r["prompt"]]["steady_tokens_per_s"],
+           "bound": ones[r["prompt"]]["bytes_per_token"] / r["bytes_per_token"]}
+          for r in records if r["batch"] > 1 and r["prompt"] in ones]
 
 
 def _child(args: argparse.Namespace, case: str) -> dict:
@@ -270,11 +250,14 @@ def _add_peer(record: dict, peer: dict) -> None:
 
 def _print(r: dict) -> None:
   print(f"prompt {r['prompt']:>6} batch {r['batch']} {r['dtype']}: "
-        f"{r['steady_tokens_per_s']:.1f} tok/s steady ({r['tokens_per_s']:.1f} incl. 1 reset), "
-        f"bound {r['bound_tokens_per_s']:.1f} tok/s at {r['read_bandwidth_gbs']:.1f} GB/s "
-        f"x {r['bytes_per_token'] / 1e6:.1f} MB/token -> {r['fraction_of_bound']:.2f} of bound; "
-        f"reset {1e3 * r['reset_s']:.0f} ms ({r['reset_amortised_ms_per_step']:.2f} ms/step "
-        f"amortised); compile {r['compile_s']:.1f} s, prefill {r['prefill_s']:.1f} s, "
+        f"{r['steady_tokens_per_s']:.1f} tok/s steady (steps {r['steady_steps']}, "
+        f"{r['steady_ms_per_step']:.2f} ms/step), {r['tokens_per_s']:.1f} incl. "
+        f"{r['resets_in_run']} reset; bound {r['bound_tokens_per_s']:.1f} tok/s at "
+        f"{r['read_bandwidth_gbs']:.1f} GB/s x {r['bytes_per_token'] / 1e6:.1f} MB/token "
+        f"(step reads {r['bytes_read_per_token'] / 1e6:.1f}) -> "
+        f"{r['fraction_of_bound']:.2f} of bound; reset {1e3 * r['reset_s']:.0f} ms "
+        f"({r['reset_amortised_ms_per_step']:.2f} ms/step amortised); "
+        f"compile {r['compile_s']:.1f} s, prefill {r['prefill_s']:.1f} s, "
         f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
   peer = r.get("torch_peer")
   if peer and "error" in peer:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_t5x import decoding
+from perceiver_ar_t5x import decode_step, decoding
 from perceiver_ar_t5x.decode_cache import CachedDecoder
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.models import PerceiverARModel
@@ -119,3 +119,29 @@ def test_cache_has_the_documented_layout(tiny_module):
   np.testing.assert_array_equal(cache.window_start, [2, 6])  # windows end at the prompts
   with pytest.raises(ValueError, match="cache length 16"):
     decoder.prefill(params, jnp.zeros((2, 12), jnp.int32), jnp.array([5, 9]))
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_split_matvec_equals_the_plain_product(splits):
+  """Step weights [splits, k / splits, n] (k = 7 zero-padded) give x @ w, batch 1 and 2."""
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
+  stored = decode_step._split(w, splits)
+  assert stored.shape == (splits, -(-7 // splits), 5)
+  for batch in (1, 2):
+    x = jnp.asarray(rng.standard_normal((batch, 7)), jnp.float32)
+    np.testing.assert_allclose(decode_step.matvec(x, stored), x @ w, atol=1e-6, rtol=1e-6)
+
+
+def test_batch_one_uses_split_weights_and_stays_exact(tiny_module):
+  """Batch 1 takes the split-product path; its logits equal the full forward pass."""
+  model, params = _model(tiny_module)
+  result = decoding.decode(model, params, PROMPTS[:1], LENGTHS[:1], NEW, jax.random.key(8),
+                           decoding.SamplingConfig(temperature=1.0), record_logits=True)
+  tokens = np.pad(result.tokens[0, 0], (1, 0))[:-1]
+  for p in range(LENGTHS[0], LENGTHS[0] + NEW):
+    start = int(result.window_starts[0, 0, p])
+    row = jnp.asarray(np.pad(tokens, (0, model.num_latents))[None])
+    full = jax.jit(model.logits)(params, {"decoder_input_tokens": row}, jnp.array([start]))
+    np.testing.assert_allclose(result.logits[0, 0, p], full[0, p - start], atol=1e-5,
+                               rtol=1e-5, err_msg=f"position {p}")
