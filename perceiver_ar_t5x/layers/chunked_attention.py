@@ -98,20 +98,30 @@ def _attention_fwd(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg
   return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
+def _rows_t(x: jax.Array) -> jax.Array:
+  """[b, h, q, d] -> f32 [b, h, d, q], materialised (a barrier keeps XLA from folding it)."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x.astype(jnp.float32), 2, 3))
+
+
 def _chunk_grads(qt: jax.Array, do_t: jax.Array, delta: jax.Array, lse: jax.Array,
                  kc: jax.Array, vc: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
                  kp: jax.Array, ks: jax.Array | None) -> tuple[jax.Array, ...]:
-  """One key chunk's (dq, dk, dv) in f32, from p = exp(s - lse); dS = p * (dP - delta)."""
+  """One key chunk's (dq, dk, dv) in f32, from p = exp(s - lse); dS = p * (dP - delta).
+
+  dk and dv contract over the query rows. Written as p^T dO they are a
+  transposed-operand product that XLA CPU runs at ~half speed (f32 upcast, no
+  fast bf16 kernel); as (dO^T p)^T, with the small dO^T / q^T materialised, they
+  are plain row-major f32 products.
+  """
   p = jnp.exp(_scores(qt, kc, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
-  dvc = jnp.einsum("bhqk,bhqd->bkhd", p.astype(vc.dtype), do_t.astype(vc.dtype),
-                   preferred_element_type=jnp.float32)
+  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t), p)  # [b, h, d, chunk]
   dp = jnp.einsum("bhqd,bkhd->bhqk", do_t.astype(vc.dtype), vc,
                   preferred_element_type=jnp.float32)
-  ds = (p * (dp - delta[..., None])).astype(qt.dtype)
-  dq = jnp.einsum("bhqk,bkhd->bhqd", ds, kc.astype(qt.dtype),
+  ds = p * (dp - delta[..., None])  # f32 [b, h, q, chunk]
+  dq = jnp.einsum("bhqk,bkhd->bhqd", ds.astype(qt.dtype), kc.astype(qt.dtype),
                   preferred_element_type=jnp.float32)
-  dkc = jnp.einsum("bhqk,bhqd->bkhd", ds, qt, preferred_element_type=jnp.float32)
-  return dq, dkc, dvc
+  dk_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(qt), ds)
+  return dq, dk_t.transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2)
 
 
 def _delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
