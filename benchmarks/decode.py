@@ -197,6 +197,11 @@ def main() -> None:
     extra = (args.dtype,) if args.case else ()
     print(json.dumps(run(prompt, batch, args.new, *extra, repeats=args.repeats)))
     return
+  for prompt in map(int, args.prompts.split(",")):
+    try:  # the model's 1024 latents, default fill 512 (CachedDecoder.reset_fill)
+      steady_split(prompt, args.new, 1024, 512)
+    except ValueError as err:
+      parser.error(f"--new {args.new} after a {prompt}-token prompt: {err}")
   compare = args.compare_torch and decode_peer.available()
   if args.compare_torch and not compare:
     print("--compare-torch: perceiver-io/torch/transformers not installed; skipping the peer")
