@@ -61,6 +61,12 @@ def make_module(dtype: str, max_length: int) -> PerceiverAR:
                      dtype=jnp.dtype(dtype))
 
 
+def case_decoder(dtype: str, prompt: int, new: int) -> CachedDecoder:
+  """The decoder a case times: cache length bucketed as decoding.prepare buckets it."""
+  length = decoding.bucket_length(max(prompt + new, prompt + 1))
+  return CachedDecoder(make_module(dtype, prompt + new + 16), length)
+
+
 def window_sizes(prompt: int, steps: int, latents: int, fill: int) -> tuple[list[int], list[int]]:
   """Latent-window size at each step 1..steps and the steps that reset (decode_cache.py's rule).
 
@@ -124,14 +130,14 @@ def run_case(prompt: int, batch: int, new: int, dtype: str, repeats: int) -> dic
   rate = the steps after `split` over the difference of the last two: no reset,
   no prefill, same compiled loop.
   """
-  module = make_module(dtype, prompt + new + 16)
+  decoder = case_decoder(dtype, prompt, new)
+  module = decoder.module
   params = PerceiverARModel(module).init(jax.random.key(0), 64)
   if dtype != "float32":
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
   prompts = np.random.default_rng(0).integers(1, 256, (batch, prompt)).astype(np.int32)
   lengths = np.full((batch,), prompt)
-  full = decoding.prepare(prompts, lengths, new)
-  decoder = CachedDecoder(module, full[0].shape[1])
+  full = decoding.prepare(prompts, lengths, new, length=decoder.length)
   split = steady_split(prompt, new, decoder.latents, decoder.reset_fill)
   rng = jax.random.key(1)
   start = time.perf_counter()
@@ -172,7 +178,7 @@ def _logit_diff(prompt: int, new: int, params, buffers, lengths) -> float:
   """Largest |logit| difference of the first predicted token: this dtype vs f32."""
   outs = []
   for dtype in ("float32", str(jax.tree_util.tree_leaves(params)[0].dtype)):
-    decoder = CachedDecoder(make_module(dtype, prompt + new + 16), buffers[0].shape[1])
+    decoder = case_decoder(dtype, prompt, new)
     p = jax.tree_util.tree_map(lambda x, d=dtype: x.astype(d), params)
     outs.append(jax.jit(decoder.prefill)(p, buffers[0], jnp.asarray(lengths))[1])
   return float(jnp.max(jnp.abs(outs[0] - outs[1])))
@@ -198,8 +204,9 @@ def main() -> None:
     print(json.dumps(run(prompt, batch, args.new, *extra, repeats=args.repeats)))
     return
   for prompt in map(int, args.prompts.split(",")):
-    try:  # the model's 1024 latents, default fill 512 (CachedDecoder.reset_fill)
-      steady_split(prompt, args.new, 1024, 512)
+    decoder = case_decoder(args.dtype, prompt, args.new)
+    try:
+      steady_split(prompt, args.new, decoder.latents, decoder.reset_fill)
     except ValueError as err:
       parser.error(f"--new {args.new} after a {prompt}-token prompt: {err}")
   compare = args.compare_torch and decode_peer.available()

@@ -116,12 +116,15 @@ class CachedDecoder:
     fill = self.latents // 2 if self.fill is None else self.fill
     return max(1, min(fill, self.latents))
 
+  def layer_params(self, params: Any) -> list[Any]:
+    """Each block's own params, 0..L-1 (latent params un-stacked under either layout)."""
+    return [params["layers_0"]] + [latent_layer_params(params, i)
+                                   for i in range(1, self.module.num_layers)]
+
   def blocks(self, params: Any) -> list[Block]:
     """Bound blocks 0..L-1 (latent params un-stacked once, outside the decode loop)."""
     kwargs = self.module._block_kwargs()  # pylint: disable=protected-access
-    layer_params = [params["layers_0"]] + [latent_layer_params(params, i)
-                                           for i in range(1, self.module.num_layers)]
-    return [Block(**kwargs).bind({"params": p}) for p in layer_params]
+    return [Block(**kwargs).bind({"params": p}) for p in self.layer_params(params)]
 
   def embed(self, params: Any, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """[b, r] tokens at [b, r] positions -> [b, r, embed] (PerceiverAR.embed_tokens)."""
@@ -203,10 +206,8 @@ class CachedDecoder:
 
   def step_weights(self, params: Any) -> tuple[LayerWeights, ...]:
     """Every block's kernels laid out for `step` (decode_step.py); make them once per decode."""
-    blocks = self.blocks(params)
-    layer_params = [params["layers_0"]] + [latent_layer_params(params, i)
-                                           for i in range(1, self.module.num_layers)]
-    return tuple(layer_weights(blk, p, self.splits) for blk, p in zip(blocks, layer_params))
+    return tuple(layer_weights(blk, p, self.splits)
+                 for blk, p in zip(self.blocks(params), self.layer_params(params)))
 
   def step(self, params: Any, cache: DecodeCache, advance: jax.Array,
            weights: tuple[LayerWeights, ...] | None = None) -> tuple[DecodeCache, jax.Array]:

@@ -90,7 +90,7 @@ def layer_weights(blk: Block, params: Any, splits: int) -> LayerWeights:
   p = nn.unbox(params)
   att, mlp, dtype = p["attention"], p["mlp"], blk.dtype
   embed = att["query"].shape[0]
-  query = att["query"].astype(dtype) * (blk.head_dim ** -0.5)  # as project_query scales it
+  query = (att["query"] * blk.head_dim ** -0.5).astype(dtype)  # as project_query scales it
   qkv = jnp.concatenate([query, att["key"].astype(dtype), att["value"].astype(dtype)], axis=1)
   mlp_in = jnp.concatenate([mlp["wi_0"], mlp["wi_1"]], axis=1).astype(dtype)
   return LayerWeights(

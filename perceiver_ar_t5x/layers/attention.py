@@ -154,14 +154,12 @@ class Attention(nn.Module):
     weights = (self.key, self.value)
     if kv_norm_scale is not None:
       weights = weights + (kv_norm_scale,)
-    if self_attention:
-      k, v = self._kv_fn()(weights, kv_in, k_pos)
-      out = block_causal_attention(q, k, v, q_pos, q_seg, block=self.causal_block)
-    elif self.kernel == AttentionKernel.CHUNKED:
+    if self.kernel == AttentionKernel.CHUNKED and not self_attention:
       out = chunked_projected_attention(q, weights, kv_in, q_pos, k_pos,
                                         q_seg, k_seg, kv_fn=self._kv_fn(),
                                         chunk_size=self.chunk_size)
     else:
       k, v = self._kv_fn()(weights, kv_in, k_pos)
-      out = dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg)
+      out = (block_causal_attention(q, k, v, q_pos, q_seg, block=self.causal_block)
+             if self_attention else dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg))
     return self.dropout(self.project_out(out), deterministic=deterministic)
