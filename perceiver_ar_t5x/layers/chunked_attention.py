@@ -44,10 +44,20 @@ def _take(tree: Any, start: jax.Array | int, size: int) -> Any:
       lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), tree)
 
 
-def _scores(qt: jax.Array, kc: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
-            kp: jax.Array, ks: jax.Array | None) -> jax.Array:
-  """Masked scores f32 [batch, heads, q, chunk]; qt is [batch, heads, q, d]."""
-  s = jnp.einsum("bhqd,bkhd->bhqk", qt, kc, preferred_element_type=jnp.float32)
+def _heads_first(x: jax.Array) -> jax.Array:
+  """[batch, len, heads, d] -> [batch, heads, len, d]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
+            kp: jax.Array, ks: jax.Array | None, k_spec: str = "bkhd") -> jax.Array:
+  """Masked scores f32 [batch, heads, q, chunk].
+
+  qt: [batch, heads, q, d]; k: [batch, chunk, heads, d] (k_spec "bkhd", the layer-0
+  chunks as projected) or [batch, heads, chunk, d] ("bhkd": the latent self-attention,
+  transposed once, where XLA CPU runs the heads-first product ~1.6x faster).
+  """
+  s = jnp.einsum(f"bhqd,{k_spec}->bhqk", qt, k, preferred_element_type=jnp.float32)
   return s + masks.mask_to_bias(masks.attention_mask(q_pos, kp, q_seg, ks))
 
 
@@ -63,7 +73,7 @@ def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
              k_seg: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """(out [batch, q, heads, d], log-sum-exp f32 [batch, heads, q])."""
   batch, q_len, heads, dim = q.shape
-  qt = jnp.swapaxes(q, 1, 2)  # [batch, heads, q, d]
+  qt = _heads_first(q)  # [batch, heads, q, d]
   out_dtype = q.dtype
 
   def update(carry: tuple[jax.Array, ...], start: jax.Array | int, size: int):
@@ -104,24 +114,36 @@ def _rows_t(x: jax.Array) -> jax.Array:
 
 
 def _chunk_grads(qt: jax.Array, do_t: jax.Array, delta: jax.Array, lse: jax.Array,
-                 kc: jax.Array, vc: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
+                 k: jax.Array, v: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
                  kp: jax.Array, ks: jax.Array | None) -> tuple[jax.Array, ...]:
-  """One key chunk's (dq, dk, dv) in f32, from p = exp(s - lse); dS = p * (dP - delta).
+  """One layer-0 key chunk's f32 (dq, dk^T, dv^T), recomputing p = exp(s - lse)."""
+  p = jnp.exp(_scores(qt, k, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
+  return _grads_given_p(p, qt, do_t, delta, k, v, "bkhd")
 
-  dk and dv contract over the query rows. Written as p^T dO they are a
-  transposed-operand product that XLA CPU runs at ~half speed (f32 upcast, no
-  fast bf16 kernel); as (dO^T p)^T, with the small dO^T / q^T materialised, they
-  are plain row-major f32 products.
+
+def _grads_given_p(p: jax.Array, qt: jax.Array, do_t: jax.Array, delta: jax.Array,
+                   k: jax.Array, v: jax.Array, k_spec: str) -> tuple[jax.Array, ...]:
+  """f32 (dq, dk^T, dv^T) of one chunk from its probabilities; dS = p * (dP - delta).
+
+  p: f32 [b, h, q, chunk]; qt, do_t: [b, h, q, d]; k, v laid out as k_spec (see
+  _scores). dk and dv contract over the query rows: written as p^T dO they are a
+  transposed-operand product that XLA CPU runs at ~half speed (f32 upcast, no fast
+  bf16 kernel); as dO^T p and q^T dS, with the small dO^T / q^T materialised, they
+  are plain row-major f32 products, returned transposed: [b, h, d, chunk].
   """
-  p = jnp.exp(_scores(qt, kc, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
-  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t), p)  # [b, h, d, chunk]
-  dp = jnp.einsum("bhqd,bkhd->bhqk", do_t.astype(vc.dtype), vc,
+  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t), p)
+  dp = jnp.einsum(f"bhqd,{k_spec}->bhqk", do_t.astype(v.dtype), v,
                   preferred_element_type=jnp.float32)
   ds = p * (dp - delta[..., None])  # f32 [b, h, q, chunk]
-  dq = jnp.einsum("bhqk,bkhd->bhqd", ds.astype(qt.dtype), kc.astype(qt.dtype),
+  dq = jnp.einsum(f"bhqk,{k_spec}->bhqd", ds.astype(qt.dtype), k.astype(qt.dtype),
                   preferred_element_type=jnp.float32)
   dk_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(qt), ds)
-  return dq, dk_t.transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2)
+  return dq, dk_t, dv_t
+
+
+def _rows_last(x_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """[b, h, d, rows] -> [b, rows, h, d] in dtype."""
+  return x_t.transpose(0, 3, 1, 2).astype(dtype)
 
 
 def _delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
@@ -132,8 +154,8 @@ def _delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
 def _attention_bwd(kv_fn: KvFn, chunk: int, residuals: tuple, d_out: jax.Array) -> tuple:
   """Recomputes k, v and p = exp(s - lse) per chunk; dS = p * (dP - rowsum(dO * O))."""
   q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
-  qt = jnp.swapaxes(q, 1, 2)  # [batch, heads, q, d]
-  do_t = jnp.swapaxes(d_out, 1, 2)  # [batch, heads, q, d]
+  qt = _heads_first(q)  # [batch, heads, q, d]
+  do_t = _heads_first(d_out)
   delta = _delta(out, d_out)
 
   def update(carry: tuple[Any, ...], start: jax.Array | int, size: int):
@@ -141,9 +163,9 @@ def _attention_bwd(kv_fn: KvFn, chunk: int, residuals: tuple, d_out: jax.Array) 
     kp, ks = _take((k_pos, k_seg), start, size)
     (kc, vc), kv_vjp = jax.vjp(lambda w, x: kv_fn(w, x, kp), kv_params,
                                _take(kv_in, start, size))
-    dq_c, dkc, dvc = _chunk_grads(qt, do_t, delta, lse, kc, vc, q_pos, q_seg, kp, ks)
+    dq_c, dk_t, dv_t = _chunk_grads(qt, do_t, delta, lse, kc, vc, q_pos, q_seg, kp, ks)
     dq = dq + dq_c
-    dw, dx = kv_vjp((dkc.astype(kc.dtype), dvc.astype(vc.dtype)))
+    dw, dx = kv_vjp((_rows_last(dk_t, kc.dtype), _rows_last(dv_t, vc.dtype)))
     d_params = jax.tree_util.tree_map(jnp.add, d_params, dw)
     d_in = jax.tree_util.tree_map(
         lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start,
@@ -175,36 +197,46 @@ def _block_causal(block: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax
 
 
 def _block_causal_fwd(block, q, k, v, pos, seg):
-  outs, lses = [], []
+  """Each query block is one softmax over keys [0, hi); its probabilities are kept.
+
+  Keeping them (activation dtype, batch x heads x n^2 x ~9/16: what autodiff of plain
+  attention would keep) saves the backward pass the score product, the mask and the
+  exp; RematPolicy.FULL frees them between layers.
+  """
+  qt, kt, vt = map(_heads_first, (q, k, v))  # [batch, heads, n, d]
+  outs, probs = [], []
   for lo, hi in _query_blocks(q.shape[1], block):
     s_q, s_k = (None, None) if seg is None else (seg[:, lo:hi], seg[:, :hi])
-    out, lse = _forward(_given_kv, hi, q[:, lo:hi], None, (k[:, :hi], v[:, :hi]),
-                        pos[:, lo:hi], pos[:, :hi], s_q, s_k)
-    outs.append(out)
-    lses.append(lse)
-  out = jnp.concatenate(outs, axis=1)
-  return out, (q, k, v, pos, seg, out, jnp.concatenate(lses, axis=2))
+    s = _scores(qt[:, :, lo:hi], kt[:, :, :hi], pos[:, lo:hi], s_q, pos[:, :hi], s_k,
+                k_spec="bhkd")
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # max finite: masks add a finite bias
+    p = p / jnp.sum(p, axis=-1, keepdims=True)  # [batch, heads, hi - lo, hi]
+    outs.append(jnp.einsum("bhqk,bhkd->bhqd", p.astype(vt.dtype), vt[:, :, :hi],
+                           preferred_element_type=jnp.float32))
+    probs.append(p.astype(q.dtype))
+  out = jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2).astype(q.dtype)
+  return out, (q, k, v, out, tuple(probs))
 
 
 def _block_causal_bwd(block: int, residuals: tuple, d_out: jax.Array) -> tuple:
-  """Per query block, the one-chunk backward over its keys; dk, dv accumulate in f32."""
-  q, k, v, pos, seg, out, lse = residuals
-  qt = jnp.swapaxes(q, 1, 2)  # [batch, heads, n, d]
-  do_t = jnp.swapaxes(d_out, 1, 2)
+  """Per query block, the one-chunk backward from its kept probabilities; dk, dv in f32."""
+  q, k, v, out, probs = residuals
+  qt, kt, vt, do_t = map(_heads_first, (q, k, v, d_out))  # [batch, heads, n, d]
   delta = _delta(out, d_out)
   dqs = []
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
-  for lo, hi in _query_blocks(q.shape[1], block):
-    s_q, s_k = (None, None) if seg is None else (seg[:, lo:hi], seg[:, :hi])
-    dq_b, dk_b, dv_b = _chunk_grads(qt[:, :, lo:hi], do_t[:, :, lo:hi], delta[:, :, lo:hi],
-                                    lse[:, :, lo:hi], k[:, :hi], v[:, :hi], pos[:, lo:hi],
-                                    s_q, pos[:, :hi], s_k)
+  batch, n, heads, dim = k.shape
+  dk_t = jnp.zeros((batch, heads, dim, n), jnp.float32)
+  dv_t = jnp.zeros((batch, heads, dim, n), jnp.float32)
+  for p, (lo, hi) in zip(probs, _query_blocks(n, block)):
+    dq_b, dk_b, dv_b = _grads_given_p(p.astype(jnp.float32), qt[:, :, lo:hi],
+                                      do_t[:, :, lo:hi], delta[:, :, lo:hi],
+                                      kt[:, :, :hi], vt[:, :, :hi], "bhkd")
     dqs.append(dq_b)
-    dk = dk.at[:, :hi].add(dk_b)
-    dv = dv.at[:, :hi].add(dv_b)
+    dk_t = dk_t.at[..., :hi].add(dk_b)
+    dv_t = dv_t.at[..., :hi].add(dv_b)
   dq = jnp.swapaxes(jnp.concatenate(dqs, axis=2), 1, 2)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return (dq.astype(q.dtype), _rows_last(dk_t, k.dtype), _rows_last(dv_t, v.dtype),
+          None, None)
 
 
 _block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)
@@ -218,8 +250,9 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Ar
   position of the same segment, or another segment, so it is masked for row i
   (masks.attention_mask). Query block [lo, hi) therefore needs keys [0, hi) only:
   (n/block + 1) / (2 n/block) of the dense work (9/16 at 1024 rows, block 128).
-  Each block is one chunk of the online-softmax kernel above (same masks, same
-  recomputing backward), so the result is the dense kernel's.
+  Each block is one softmax over its keys with the dense kernel's masks, so the
+  result is the dense kernel's; the backward pass reuses the blocks' probabilities
+  (kept in q.dtype, see _block_causal_fwd) instead of recomputing them.
 
   Args:
     q, k, v: [batch, n, heads, head_dim], q pre-scaled by 1/sqrt(head_dim).
