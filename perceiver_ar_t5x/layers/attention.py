@@ -17,10 +17,8 @@ import jax.numpy as jnp
 from perceiver_ar_t5x import masks
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.layers import matmul, rotary
-from perceiver_ar_t5x.layers.chunked_attention import (
-  block_causal_attention,
-  chunked_projected_attention,
-)
+from perceiver_ar_t5x.layers.block_causal import block_causal_attention
+from perceiver_ar_t5x.layers.chunked_attention import chunked_projected_attention
 from perceiver_ar_t5x.layers.norms import rms_norm
 
 

@@ -10,10 +10,14 @@ of storing them. Live memory is O(latents x chunk_size) for scores plus the
 inputs themselves: linear in the context.
 
 `chunked_projected_attention` goes one step further for layer 0: the RMSNorm and
-key/value projection run per chunk inside the loop (and again in the backward
-pass), so only the layer-0 input and its gradient are ever full length. At 131072
-tokens this takes the train step's XLA temp memory from 2.8 GiB (plain k/v) to
-about 1 GiB, and it is also faster on CPU (the chunk's k/v stay in cache).
+key/value projection run per chunk inside the loop, and so does their backward
+pass, so the gradients of k and v are never full length (at 131072 tokens the
+plain-k/v step needed 2.8 GiB of XLA temp memory, this one about 1 GiB). The
+forward pass keeps the projected k and v (activation dtype, 256 MiB in bf16 at
+131072 tokens) so that the backward pass does not project them again.
+
+The helpers that are public here (masked_scores, grads_given_probs, ...) are the
+softmax-attention algebra shared with block_causal.py.
 
 Masks are built per chunk from true positions (masks.attention_mask), exactly as
 the plain kernel builds them, so both kernels compute the same function.
@@ -44,12 +48,12 @@ def _take(tree: Any, start: jax.Array | int, size: int) -> Any:
       lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), tree)
 
 
-def _heads_first(x: jax.Array) -> jax.Array:
+def heads_first(x: jax.Array) -> jax.Array:
   """[batch, len, heads, d] -> [batch, heads, len, d]."""
   return jnp.swapaxes(x, 1, 2)
 
 
-def _scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
+def masked_scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
             kp: jax.Array, ks: jax.Array | None, k_spec: str = "bkhd") -> jax.Array:
   """Masked scores f32 [batch, heads, q, chunk].
 
@@ -70,30 +74,41 @@ def _loop(update: Callable, carry: Any, length: int, chunk: int) -> Any:
 
 def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
              q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
-             k_seg: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(out [batch, q, heads, d], log-sum-exp f32 [batch, heads, q])."""
+             k_seg: jax.Array | None, keep_kv: bool = False) -> tuple[Any, ...]:
+  """(out [batch, q, heads, d], log-sum-exp f32 [batch, heads, q], kept (k, v) or None).
+
+  keep_kv: also return the full-length k, v [batch, k_len, heads, d] (written chunk by
+  chunk), so that the backward pass need not project them again.
+  """
   batch, q_len, heads, dim = q.shape
-  qt = _heads_first(q)  # [batch, heads, q, d]
+  qt = heads_first(q)  # [batch, heads, q, d]
   out_dtype = q.dtype
 
-  def update(carry: tuple[jax.Array, ...], start: jax.Array | int, size: int):
-    m, denom, acc = carry
+  def update(carry: tuple[Any, ...], start: jax.Array | int, size: int):
+    m, denom, acc, kept = carry
     kp, ks = _take((k_pos, k_seg), start, size)
     kc, vc = kv_fn(kv_params, _take(kv_in, start, size), kp)
-    s = _scores(qt, kc, q_pos, q_seg, kp, ks)
+    if keep_kv:
+      kept = tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=1)
+                   for buf, x in zip(kept, (kc, vc)))
+    s = masked_scores(qt, kc, q_pos, q_seg, kp, ks)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
     pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vc.dtype), vc,
                     preferred_element_type=jnp.float32)
-    return m_new, denom * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+    return m_new, denom * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv, kept
 
+  kept = None
+  if keep_kv:
+    shapes = jax.eval_shape(kv_fn, kv_params, _take(kv_in, 0, 1), k_pos[:, :1])
+    kept = tuple(jnp.zeros((x.shape[0], k_pos.shape[1]) + x.shape[2:], x.dtype) for x in shapes)
   carry = (jnp.full((batch, heads, q_len), -jnp.inf, jnp.float32),
            jnp.zeros((batch, heads, q_len), jnp.float32),
-           jnp.zeros((batch, heads, q_len, dim), jnp.float32))
-  m, denom, acc = _loop(update, carry, k_pos.shape[1], chunk)
+           jnp.zeros((batch, heads, q_len, dim), jnp.float32), kept)
+  m, denom, acc, kept = _loop(update, carry, k_pos.shape[1], chunk)
   out = jnp.swapaxes(acc / denom[..., None], 1, 2).astype(out_dtype)
-  return out, m + jnp.log(denom)
+  return out, m + jnp.log(denom), kept
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -104,11 +119,12 @@ def _attention(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any
 
 
 def _attention_fwd(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg):
-  out, lse = _forward(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg)
-  return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse)
+  out, lse, kept = _forward(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg,
+                            keep_kv=True)
+  return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse, kept)
 
 
-def _rows_t(x: jax.Array) -> jax.Array:
+def rows_t(x: jax.Array) -> jax.Array:
   """[b, h, q, d] -> f32 [b, h, d, q], materialised (a barrier keeps XLA from folding it)."""
   return jax.lax.optimization_barrier(jnp.swapaxes(x.astype(jnp.float32), 2, 3))
 
@@ -117,55 +133,60 @@ def _chunk_grads(qt: jax.Array, do_t: jax.Array, delta: jax.Array, lse: jax.Arra
                  k: jax.Array, v: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
                  kp: jax.Array, ks: jax.Array | None) -> tuple[jax.Array, ...]:
   """One layer-0 key chunk's f32 (dq, dk^T, dv^T), recomputing p = exp(s - lse)."""
-  p = jnp.exp(_scores(qt, k, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
-  return _grads_given_p(p, qt, do_t, delta, k, v, "bkhd")
+  p = jnp.exp(masked_scores(qt, k, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
+  return grads_given_probs(p, qt, do_t, delta, k, v, "bkhd")
 
 
-def _grads_given_p(p: jax.Array, qt: jax.Array, do_t: jax.Array, delta: jax.Array,
+def grads_given_probs(p: jax.Array, qt: jax.Array, do_t: jax.Array, delta: jax.Array,
                    k: jax.Array, v: jax.Array, k_spec: str) -> tuple[jax.Array, ...]:
   """f32 (dq, dk^T, dv^T) of one chunk from its probabilities; dS = p * (dP - delta).
 
   p: f32 [b, h, q, chunk]; qt, do_t: [b, h, q, d]; k, v laid out as k_spec (see
-  _scores). dk and dv contract over the query rows: written as p^T dO they are a
+  masked_scores). dk and dv contract over the query rows: written as p^T dO they are a
   transposed-operand product that XLA CPU runs at ~half speed (f32 upcast, no fast
   bf16 kernel); as dO^T p and q^T dS, with the small dO^T / q^T materialised, they
   are plain row-major f32 products, returned transposed: [b, h, d, chunk].
   """
-  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t), p)
+  dv_t = jnp.einsum("bhdq,bhqk->bhdk", rows_t(do_t), p)
   dp = jnp.einsum(f"bhqd,{k_spec}->bhqk", do_t.astype(v.dtype), v,
                   preferred_element_type=jnp.float32)
   ds = p * (dp - delta[..., None])  # f32 [b, h, q, chunk]
   dq = jnp.einsum(f"bhqk,{k_spec}->bhqd", ds.astype(qt.dtype), k.astype(qt.dtype),
                   preferred_element_type=jnp.float32)
-  dk_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(qt), ds)
+  dk_t = jnp.einsum("bhdq,bhqk->bhdk", rows_t(qt), ds)
   return dq, dk_t, dv_t
 
 
-def _rows_last(x_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def rows_last(x_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """[b, h, d, rows] -> [b, rows, h, d] in dtype."""
   return x_t.transpose(0, 3, 1, 2).astype(dtype)
 
 
-def _delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
+def output_delta(out: jax.Array, d_out: jax.Array) -> jax.Array:
   """rowsum(dO * O) f32 [batch, heads, q]."""
   return jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
 
 def _attention_bwd(kv_fn: KvFn, chunk: int, residuals: tuple, d_out: jax.Array) -> tuple:
-  """Recomputes k, v and p = exp(s - lse) per chunk; dS = p * (dP - rowsum(dO * O))."""
-  q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
-  qt = _heads_first(q)  # [batch, heads, q, d]
-  do_t = _heads_first(d_out)
-  delta = _delta(out, d_out)
+  """Recomputes p = exp(s - lse) per chunk from the kept k, v; dS = p * (dP - rowsum(dO * O)).
+
+  The projection's backward (kv_fn's vjp) runs per chunk as well, so the gradients
+  of k and v never exist at full length.
+  """
+  q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse, kept = residuals
+  qt = heads_first(q)  # [batch, heads, q, d]
+  do_t = heads_first(d_out)
+  delta = output_delta(out, d_out)
 
   def update(carry: tuple[Any, ...], start: jax.Array | int, size: int):
     dq, d_params, d_in = carry
     kp, ks = _take((k_pos, k_seg), start, size)
-    (kc, vc), kv_vjp = jax.vjp(lambda w, x: kv_fn(w, x, kp), kv_params,
-                               _take(kv_in, start, size))
+    # the vjp's own forward outputs go unused (k, v come from `kept`), so XLA drops them
+    _, kv_vjp = jax.vjp(lambda w, x: kv_fn(w, x, kp), kv_params, _take(kv_in, start, size))
+    kc, vc = _take(kept, start, size)
     dq_c, dk_t, dv_t = _chunk_grads(qt, do_t, delta, lse, kc, vc, q_pos, q_seg, kp, ks)
     dq = dq + dq_c
-    dw, dx = kv_vjp((_rows_last(dk_t, kc.dtype), _rows_last(dv_t, vc.dtype)))
+    dw, dx = kv_vjp((rows_last(dk_t, kc.dtype), rows_last(dv_t, vc.dtype)))
     d_params = jax.tree_util.tree_map(jnp.add, d_params, dw)
     d_in = jax.tree_util.tree_map(
         lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start,
@@ -184,90 +205,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _given_kv(_: Any, kv: tuple[jax.Array, jax.Array], __: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   return kv
-
-
-def _query_blocks(n: int, block: int) -> list[tuple[int, int]]:
-  return [(lo, min(lo + block, n)) for lo in range(0, n, block)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_causal(block: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
-                  seg: jax.Array | None) -> jax.Array:
-  return _block_causal_fwd(block, q, k, v, pos, seg)[0]
-
-
-def _block_causal_fwd(block, q, k, v, pos, seg):
-  """Each query block is one softmax over keys [0, hi); its probabilities are kept.
-
-  Keeping them (activation dtype, batch x heads x n^2 x ~9/16: what autodiff of plain
-  attention would keep) saves the backward pass the score product, the mask and the
-  exp; RematPolicy.FULL frees them between layers.
-  """
-  qt, kt, vt = map(_heads_first, (q, k, v))  # [batch, heads, n, d]
-  outs, probs = [], []
-  for lo, hi in _query_blocks(q.shape[1], block):
-    s_q, s_k = (None, None) if seg is None else (seg[:, lo:hi], seg[:, :hi])
-    s = _scores(qt[:, :, lo:hi], kt[:, :, :hi], pos[:, lo:hi], s_q, pos[:, :hi], s_k,
-                k_spec="bhkd")
-    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # max finite: masks add a finite bias
-    p = p / jnp.sum(p, axis=-1, keepdims=True)  # [batch, heads, hi - lo, hi]
-    outs.append(jnp.einsum("bhqk,bhkd->bhqd", p.astype(vt.dtype), vt[:, :, :hi],
-                           preferred_element_type=jnp.float32))
-    probs.append(p.astype(q.dtype))
-  out = jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2).astype(q.dtype)
-  return out, (q, k, v, out, tuple(probs))
-
-
-def _block_causal_bwd(block: int, residuals: tuple, d_out: jax.Array) -> tuple:
-  """Per query block, the one-chunk backward from its kept probabilities; dk, dv in f32."""
-  q, k, v, out, probs = residuals
-  qt, kt, vt, do_t = map(_heads_first, (q, k, v, d_out))  # [batch, heads, n, d]
-  delta = _delta(out, d_out)
-  dqs = []
-  batch, n, heads, dim = k.shape
-  dk_t = jnp.zeros((batch, heads, dim, n), jnp.float32)
-  dv_t = jnp.zeros((batch, heads, dim, n), jnp.float32)
-  for p, (lo, hi) in zip(probs, _query_blocks(n, block)):
-    dq_b, dk_b, dv_b = _grads_given_p(p.astype(jnp.float32), qt[:, :, lo:hi],
-                                      do_t[:, :, lo:hi], delta[:, :, lo:hi],
-                                      kt[:, :, :hi], vt[:, :, :hi], "bhkd")
-    dqs.append(dq_b)
-    dk_t = dk_t.at[..., :hi].add(dk_b)
-    dv_t = dv_t.at[..., :hi].add(dv_b)
-  dq = jnp.swapaxes(jnp.concatenate(dqs, axis=2), 1, 2)
-  return (dq.astype(q.dtype), _rows_last(dk_t, k.dtype), _rows_last(dv_t, v.dtype),
-          None, None)
-
-
-_block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)
-
-
-def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
-                           seg: jax.Array | None = None, *, block: int = 128) -> jax.Array:
-  """Causal self-attention that never computes a key block wholly after its query block.
-
-  Queries and keys are the same rows, in sequence order: row j > i holds a later
-  position of the same segment, or another segment, so it is masked for row i
-  (masks.attention_mask). Query block [lo, hi) therefore needs keys [0, hi) only:
-  (n/block + 1) / (2 n/block) of the dense work (9/16 at 1024 rows, block 128).
-  Each block is one softmax over its keys with the dense kernel's masks, so the
-  result is the dense kernel's; the backward pass reuses the blocks' probabilities
-  (kept in q.dtype, see _block_causal_fwd) instead of recomputing them.
-
-  Args:
-    q, k, v: [batch, n, heads, head_dim], q pre-scaled by 1/sqrt(head_dim).
-    pos, seg: [batch, n] positions and optional segment ids of the rows.
-    block: query rows per block (the last block may be shorter).
-
-  Returns:
-    [batch, n, heads, head_dim] in q.dtype.
-  """
-  if q.shape != k.shape or k.shape != v.shape or pos.shape != q.shape[:2]:
-    raise ValueError(f"self-attention needs q, k, v [b,n,h,d] and pos [b,n] alike; got "
-                     f"{q.shape}, {k.shape}, {v.shape}, {pos.shape}")
-  if block <= 0:
-    raise ValueError(f"block must be positive, got {block}")
-  return _block_causal(min(block, q.shape[1]), q, k, v, pos, seg)
 
 
 def chunked_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,

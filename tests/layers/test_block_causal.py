@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from perceiver_ar_t5x.layers.attention import dot_product_attention
-from perceiver_ar_t5x.layers.chunked_attention import block_causal_attention
+from perceiver_ar_t5x.layers.block_causal import block_causal_attention
 
 BATCH, ROWS, HEADS, DIM = 2, 11, 3, 4
 
