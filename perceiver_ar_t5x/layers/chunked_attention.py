@@ -124,7 +124,7 @@ def _attention_fwd(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg
   return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse, kept)
 
 
-def rows_t(x: jax.Array) -> jax.Array:
+def _rows_t(x: jax.Array) -> jax.Array:
   """[b, h, q, d] -> f32 [b, h, d, q], materialised (a barrier keeps XLA from folding it)."""
   return jax.lax.optimization_barrier(jnp.swapaxes(x.astype(jnp.float32), 2, 3))
 
@@ -147,13 +147,13 @@ def grads_given_probs(p: jax.Array, qt: jax.Array, do_t: jax.Array, delta: jax.A
   bf16 kernel); as dO^T p and q^T dS, with the small dO^T / q^T materialised, they
   are plain row-major f32 products, returned transposed: [b, h, d, chunk].
   """
-  dv_t = jnp.einsum("bhdq,bhqk->bhdk", rows_t(do_t), p)
+  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t), p)
   dp = jnp.einsum(f"bhqd,{k_spec}->bhqk", do_t.astype(v.dtype), v,
                   preferred_element_type=jnp.float32)
   ds = p * (dp - delta[..., None])  # f32 [b, h, q, chunk]
   dq = jnp.einsum(f"bhqk,{k_spec}->bhqd", ds.astype(qt.dtype), k.astype(qt.dtype),
                   preferred_element_type=jnp.float32)
-  dk_t = jnp.einsum("bhdq,bhqk->bhdk", rows_t(qt), ds)
+  dk_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(qt), ds)
   return dq, dk_t, dv_t
 
 
