@@ -44,7 +44,7 @@ def _block_causal_fwd(block, q, k, v, pos, seg):
   for lo, hi in _query_blocks(q.shape[1], block):
     s_q, s_k = (None, None) if seg is None else (seg[:, lo:hi], seg[:, :hi])
     s = masked_scores(qt[:, :, lo:hi], kt[:, :, :hi], pos[:, lo:hi], s_q, pos[:, :hi], s_k,
-                k_spec="bhkd")
+                      k_spec="bhkd")
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # max finite: masks add a finite bias
     p = p / jnp.sum(p, axis=-1, keepdims=True)  # [batch, heads, hi - lo, hi]
     outs.append(jnp.einsum("bhqk,bhkd->bhqd", p.astype(vt.dtype), vt[:, :, :hi],
@@ -65,8 +65,8 @@ def _block_causal_bwd(block: int, residuals: tuple, d_out: jax.Array) -> tuple:
   dv_t = jnp.zeros((batch, heads, dim, n), jnp.float32)
   for p, (lo, hi) in zip(probs, _query_blocks(n, block)):
     dq_b, dk_b, dv_b = grads_given_probs(p.astype(jnp.float32), qt[:, :, lo:hi],
-                                      do_t[:, :, lo:hi], delta[:, :, lo:hi],
-                                      kt[:, :, :hi], vt[:, :, :hi], "bhkd")
+                                         do_t[:, :, lo:hi], delta[:, :, lo:hi],
+                                         kt[:, :, :hi], vt[:, :, :hi], "bhkd")
     dqs.append(dq_b)
     dk_t = dk_t.at[..., :hi].add(dk_b)
     dv_t = dv_t.at[..., :hi].add(dv_b)

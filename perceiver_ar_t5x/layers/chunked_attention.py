@@ -54,7 +54,7 @@ def heads_first(x: jax.Array) -> jax.Array:
 
 
 def masked_scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
-            kp: jax.Array, ks: jax.Array | None, k_spec: str = "bkhd") -> jax.Array:
+                  kp: jax.Array, ks: jax.Array | None, k_spec: str = "bkhd") -> jax.Array:
   """Masked scores f32 [batch, heads, q, chunk].
 
   qt: [batch, heads, q, d]; k: [batch, chunk, heads, d] (k_spec "bkhd", the layer-0
@@ -138,7 +138,7 @@ def _chunk_grads(qt: jax.Array, do_t: jax.Array, delta: jax.Array, lse: jax.Arra
 
 
 def grads_given_probs(p: jax.Array, qt: jax.Array, do_t: jax.Array, delta: jax.Array,
-                   k: jax.Array, v: jax.Array, k_spec: str) -> tuple[jax.Array, ...]:
+                      k: jax.Array, v: jax.Array, k_spec: str) -> tuple[jax.Array, ...]:
   """f32 (dq, dk^T, dv^T) of one chunk from its probabilities; dS = p * (dP - delta).
 
   p: f32 [b, h, q, chunk]; qt, do_t: [b, h, q, d]; k, v laid out as k_spec (see
