@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -77,7 +78,8 @@ def check_model_dir(model_dir: str) -> None:
   """Creates MODEL_DIR (a local path or a URL such as gs://...) and checks it is writable."""
   try:
     fileio.gfile.makedirs(model_dir)
-    probe = os.path.join(model_dir, ".write_test")
+    # a name of its own: every host of a multi-process job probes the same directory
+    probe = os.path.join(model_dir, f".write_test-{uuid.uuid4().hex}")
     fileio.write_text(probe, "ok")
     fileio.gfile.remove(probe)
   except fileio.Error as e:

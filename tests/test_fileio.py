@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import uuid
 
 import jax
@@ -51,6 +52,28 @@ def test_check_model_dir_reports_unwritable(tmp_path):
   blocker.write_text("x")
   with pytest.raises(trainer.TrainingError, match=f"MODEL_DIR '{blocker}/m' is not writable: "):
     trainer.check_model_dir(f"{blocker}/m")
+
+
+def test_check_model_dir_from_many_hosts_at_once(tmp_path):
+  """Every process of a multi-host job probes MODEL_DIR at start-up: probes must not collide
+  (a shared probe name let one process delete another's probe, failing its start-up)."""
+  model_dir = str(tmp_path / "m")
+  errors = []
+
+  def probe() -> None:
+    try:
+      for _ in range(25):
+        trainer.check_model_dir(model_dir)
+    except trainer.TrainingError as e:
+      errors.append(str(e))
+
+  threads = [threading.Thread(target=probe) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  assert os.listdir(model_dir) == []  # every probe removed itself
 
 
 def test_write_atomic_on_url(ram_dir):
