@@ -46,10 +46,10 @@ def _block_causal_fwd(block, q, k, v, pos, seg):
     s = masked_scores(qt[:, :, lo:hi], kt[:, :, :hi], pos[:, lo:hi], s_q, pos[:, :hi], s_k,
                       k_spec="bhkd")
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # max finite: masks add a finite bias
-    p = p / jnp.sum(p, axis=-1, keepdims=True)  # [batch, heads, hi - lo, hi]
-    outs.append(jnp.einsum("bhqk,bhkd->bhqd", p.astype(vt.dtype), vt[:, :, :hi],
+    p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(vt.dtype)  # [b, h, hi - lo, hi]
+    outs.append(jnp.einsum("bhqk,bhkd->bhqd", p, vt[:, :, :hi],
                            preferred_element_type=jnp.float32))
-    probs.append(p.astype(q.dtype))
+    probs.append(p)  # the product's own operand: one conversion serves both
   out = jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2).astype(q.dtype)
   return out, (q, k, v, out, tuple(probs))
 
@@ -88,7 +88,7 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Ar
   (n/block + 1) / (2 n/block) of the dense work (9/16 at 1024 rows, block 128).
   Each block is one softmax over its keys with the dense kernel's masks, so the
   result is the dense kernel's; the backward pass reuses the blocks' probabilities
-  (kept in q.dtype, see _block_causal_fwd) instead of recomputing them.
+  (kept in v.dtype, see _block_causal_fwd) instead of recomputing them.
 
   Args:
     q, k, v: [batch, n, heads, head_dim], q pre-scaled by 1/sqrt(head_dim).

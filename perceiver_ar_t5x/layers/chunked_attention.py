@@ -119,9 +119,11 @@ def _attention(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any
 
 
 def _attention_fwd(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg):
+  given = kv_fn is _given_kv  # k, v are kv_in itself, a residual already: no second copy
   out, lse, kept = _forward(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg,
-                            keep_kv=True)
-  return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse, kept)
+                            keep_kv=not given)
+  return out, (q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg, out, lse,
+               kv_in if given else kept)
 
 
 def _rows_t(x: jax.Array) -> jax.Array:
