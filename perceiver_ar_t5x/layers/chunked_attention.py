@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from perceiver_ar_t5x import masks
 
@@ -48,9 +49,19 @@ def _take(tree: Any, start: jax.Array | int, size: int) -> Any:
       lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), tree)
 
 
+def row_major(x: jax.Array) -> jax.Array:
+  """x laid out row-major in memory, e.g. a transpose materialised as such.
+
+  XLA CPU otherwise tends to keep a transpose as a layout change of its operand, and a
+  dot whose operand is not row-major is upcast to f32 and left to the slow generic
+  kernel (bf16 products of the full-length heads-first k/v ran in f32 that way).
+  """
+  return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+
+
 def heads_first(x: jax.Array) -> jax.Array:
-  """[batch, len, heads, d] -> [batch, heads, len, d]."""
-  return jnp.swapaxes(x, 1, 2)
+  """[batch, len, heads, d] -> [batch, heads, len, d], row-major (see row_major)."""
+  return row_major(jnp.swapaxes(x, 1, 2))
 
 
 def masked_scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
