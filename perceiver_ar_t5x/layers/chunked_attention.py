@@ -16,8 +16,7 @@ plain-k/v step needed 2.8 GiB of XLA temp memory, this one about 1 GiB). The
 forward pass keeps the projected k and v (activation dtype, 256 MiB in bf16 at
 131072 tokens) so that the backward pass does not project them again.
 
-The helpers that are public here (masked_scores, grads_given_probs, ...) are the
-softmax-attention algebra shared with block_causal.py.
+`heads_first`, `row_major` and `output_delta` are shared with block_causal.py.
 
 Masks are built per chunk from true positions (masks.attention_mask), exactly as
 the plain kernel builds them, so both kernels compute the same function.
@@ -64,15 +63,10 @@ def heads_first(x: jax.Array) -> jax.Array:
   return row_major(jnp.swapaxes(x, 1, 2))
 
 
-def masked_scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
-                  kp: jax.Array, ks: jax.Array | None, k_spec: str = "bkhd") -> jax.Array:
-  """Masked scores f32 [batch, heads, q, chunk].
-
-  qt: [batch, heads, q, d]; k: [batch, chunk, heads, d] (k_spec "bkhd", the layer-0
-  chunks as projected) or [batch, heads, chunk, d] ("bhkd": the latent self-attention,
-  transposed once, where XLA CPU runs the heads-first product ~1.6x faster).
-  """
-  s = jnp.einsum(f"bhqd,{k_spec}->bhqk", qt, k, preferred_element_type=jnp.float32)
+def _masked_scores(qt: jax.Array, k: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
+                   kp: jax.Array, ks: jax.Array | None) -> jax.Array:
+  """Masked scores f32 [batch, heads, q, chunk]; qt [b, h, q, d], k [b, chunk, h, d]."""
+  s = jnp.einsum("bhqd,bkhd->bhqk", qt, k, preferred_element_type=jnp.float32)
   return s + masks.mask_to_bias(masks.attention_mask(q_pos, kp, q_seg, ks))
 
 
@@ -102,7 +96,7 @@ def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
     if keep_kv:
       kept = tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=1)
                    for buf, x in zip(kept, (kc, vc)))
-    s = masked_scores(qt, kc, q_pos, q_seg, kp, ks)
+    s = _masked_scores(qt, kc, q_pos, q_seg, kp, ks)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
@@ -137,40 +131,35 @@ def _attention_fwd(kv_fn, chunk, q, kv_params, kv_in, q_pos, k_pos, q_seg, k_seg
                kv_in if given else kept)
 
 
-def _rows_t(x: jax.Array) -> jax.Array:
-  """[b, h, q, d] -> f32 [b, h, d, q], materialised (a barrier keeps XLA from folding it)."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x.astype(jnp.float32), 2, 3))
+def _rows_t(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """[b, h, q, d] -> [b, h, d, q] in dtype, materialised row-major."""
+  return row_major(jnp.swapaxes(x.astype(dtype), 2, 3))
 
 
 def _chunk_grads(qt: jax.Array, do_t: jax.Array, delta: jax.Array, lse: jax.Array,
                  k: jax.Array, v: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
                  kp: jax.Array, ks: jax.Array | None) -> tuple[jax.Array, ...]:
-  """One layer-0 key chunk's f32 (dq, dk^T, dv^T), recomputing p = exp(s - lse)."""
-  p = jnp.exp(masked_scores(qt, k, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
-  return grads_given_probs(p, qt, do_t, delta, k, v, "bkhd")
+  """One layer-0 key chunk's f32 (dq, dk^T, dv^T), recomputing p = exp(s - lse).
 
-
-def grads_given_probs(p: jax.Array, qt: jax.Array, do_t: jax.Array, delta: jax.Array,
-                      k: jax.Array, v: jax.Array, k_spec: str) -> tuple[jax.Array, ...]:
-  """f32 (dq, dk^T, dv^T) of one chunk from its probabilities; dS = p * (dP - delta).
-
-  p: f32 [b, h, q, chunk]; qt, do_t: [b, h, q, d]; k, v laid out as k_spec (see
-  masked_scores). dk and dv contract over the query rows: written as p^T dO they are a
-  transposed-operand product that XLA CPU runs at ~half speed (f32 upcast, no fast
-  bf16 kernel); as dO^T p and q^T dS, with the small dO^T / q^T materialised, they
-  are plain row-major f32 products, returned transposed: [b, h, d, chunk].
+  qt, do_t: [b, h, q, d]; k, v: [b, chunk, h, d]. dS = p * (dP - delta). Products run
+  at v.dtype with f32 accumulation (p and dS rounded to it). dk and dv contract over
+  the query rows: written as p^T dO they are a transposed-operand product that XLA
+  CPU runs several times slower; as dO^T p and q^T dS, with the small dO^T / q^T
+  materialised, they are plain row-major products, returned transposed: [b, h, d, chunk].
   """
-  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t), p)
-  dp = jnp.einsum(f"bhqd,{k_spec}->bhqk", do_t.astype(v.dtype), v,
-                  preferred_element_type=jnp.float32)
-  ds = p * (dp - delta[..., None])  # f32 [b, h, q, chunk]
-  dq = jnp.einsum(f"bhqk,{k_spec}->bhqd", ds.astype(qt.dtype), k.astype(qt.dtype),
-                  preferred_element_type=jnp.float32)
-  dk_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(qt), ds)
+  dtype = v.dtype
+  p = jnp.exp(_masked_scores(qt, k, q_pos, q_seg, kp, ks) - lse[..., None])  # [b, h, q, chunk]
+  dv_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(do_t, dtype), p.astype(dtype),
+                    preferred_element_type=jnp.float32)
+  dp = jnp.einsum("bhqd,bkhd->bhqk", do_t.astype(dtype), v, preferred_element_type=jnp.float32)
+  ds = (p * (dp - delta[..., None])).astype(dtype)  # [b, h, q, chunk]
+  dq = jnp.einsum("bhqk,bkhd->bhqd", ds, k.astype(dtype), preferred_element_type=jnp.float32)
+  dk_t = jnp.einsum("bhdq,bhqk->bhdk", _rows_t(qt, dtype), ds,
+                    preferred_element_type=jnp.float32)
   return dq, dk_t, dv_t
 
 
-def rows_last(x_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def _rows_last(x_t: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """[b, h, d, rows] -> [b, rows, h, d] in dtype."""
   return x_t.transpose(0, 3, 1, 2).astype(dtype)
 
@@ -199,7 +188,7 @@ def _attention_bwd(kv_fn: KvFn, chunk: int, residuals: tuple, d_out: jax.Array) 
     kc, vc = _take(kept, start, size)
     dq_c, dk_t, dv_t = _chunk_grads(qt, do_t, delta, lse, kc, vc, q_pos, q_seg, kp, ks)
     dq = dq + dq_c
-    dw, dx = kv_vjp((rows_last(dk_t, kc.dtype), rows_last(dv_t, vc.dtype)))
+    dw, dx = kv_vjp((_rows_last(dk_t, kc.dtype), _rows_last(dv_t, vc.dtype)))
     d_params = jax.tree_util.tree_map(jnp.add, d_params, dw)
     d_in = jax.tree_util.tree_map(
         lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start,
