@@ -20,6 +20,8 @@ value -finfo(f32).max overflows bf16).
 
   .venv/bin/python benchmarks/train_throughput.py                 # 4096, 16384, 131072
   .venv/bin/python benchmarks/train_throughput.py --compare-torch # + lucidrains peer
+  .venv/bin/python benchmarks/train_throughput.py --compare-torch --cases 4096:2,16384:1 \
+      --repeats 3   # three interleaved rounds: the torch peer's speed swings between runs
   .venv/bin/python benchmarks/train_throughput.py --cases 4096:2 --dtypes float32
 """
 
@@ -100,7 +102,7 @@ def _jax_case(context: int, batch: int, dtype: str, steps: int, kernel: str, rem
     loss.block_until_ready()
     times.append(time.perf_counter() - start)
   return {"compile_s": compile_s, "step_s": statistics.median(times[1:]),
-          "loss": float(loss)}
+          "step_times_s": times[1:], "loss": float(loss)}
 
 
 def _torch_case(context: int, batch: int, steps: int) -> dict[str, Any]:
@@ -123,7 +125,8 @@ def _torch_case(context: int, batch: int, steps: int) -> dict[str, Any]:
     opt.step()
     opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - start)
-  return {"compile_s": 0.0, "step_s": statistics.median(times[1:]), "loss": float(loss)}
+  return {"compile_s": 0.0, "step_s": statistics.median(times[1:]), "step_times_s": times[1:],
+          "loss": float(loss)}
 
 
 def _child(spec: dict[str, Any]) -> None:
@@ -152,6 +155,23 @@ def run_case(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
   result["tokens_per_s"] = tokens / result["step_s"]
   result["model_tflop_per_step"] = train_flops(spec["context"], spec["batch"]) / 1e12
   return result
+
+
+def run_rounds(specs: list[dict[str, Any]], repeats: int, timeout_s: float
+               ) -> list[dict[str, Any]]:
+  """Runs every case `repeats` times, interleaved (round by round, so that drift in the
+  machine's speed hits the peer and us alike); each case reports its median round."""
+  rounds = [[run_case(spec, timeout_s) for spec in specs] for _ in range(repeats)]
+  results = []
+  for runs in zip(*rounds):
+    good = sorted((r for r in runs if "error" not in r), key=lambda r: r["step_s"])
+    if not good:
+      results.append(runs[0])
+      continue
+    result = dict(good[(len(good) - 1) // 2])  # the median round (the lower one if even)
+    result["rounds_step_s"] = [r["step_s"] for r in runs if "error" not in r]
+    results.append(result)
+  return results
 
 
 def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -203,6 +223,8 @@ def main() -> None:
   parser.add_argument("--scan", action="store_true", help="nn.scan over the latent layers")
   parser.add_argument("--compare-torch", action="store_true",
                       help="also run lucidrains perceiver-ar-pytorch (if installed)")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="rounds over all cases, interleaved; each case reports its median")
   parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
   parser.add_argument("--out", type=pathlib.Path,
                       default=machine.RESULTS_DIR / "train_throughput.json")
@@ -213,7 +235,7 @@ def main() -> None:
 
   dtypes = set(args.dtypes.split(",")) | {"float32"}
   before = {d: machine.matmul_peak_gflops(d) for d in dtypes}
-  results = [run_case(spec, args.timeout) for spec in _specs(args)]
+  results = run_rounds(_specs(args), args.repeats, args.timeout)
   after = {d: machine.matmul_peak_gflops(d) for d in dtypes}
   peaks = {d: max(before[d], after[d]) for d in dtypes}
   print("matmul peak GFLOP/s (before, after): "
