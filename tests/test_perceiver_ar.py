@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -130,3 +131,39 @@ def test_bfloat16_activations_track_float32_and_keep_float32_grads(tiny_module, 
   for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
     assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
     np.testing.assert_allclose(g, w, atol=5e-2 * float(jnp.max(jnp.abs(w))) + 1e-6)
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str, str]]:
+  """(lhs dtype, rhs dtype, op_name) of every dot in an optimised HLO module's text."""
+  dtypes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  return [(dtypes.get(lhs, "?"), dtypes.get(rhs, "?"), op)
+          for lhs, rhs, op in re.findall(
+              r" dot\(%([\w.\-]+), %([\w.\-]+)\)[^\n]*?op_name=\"([^\"]+)\"", hlo)]
+
+
+def test_bfloat16_training_step_runs_every_product_but_the_logits_in_bf16(tiny_module):
+  """XLA CPU runs a bf16 dot in f32 when an operand is a transpose kept as a layout change
+  (its operand upcaster); heads_first / row_major materialise the transposes instead.
+
+  Shapes big enough for XLA's bf16 dot library (at the tiny fixture's it upcasts
+  anyway); 256 latents = two query blocks, the last of which reads the unsliced k/v.
+  The PLAIN kernel's layer-0 backward still runs f32 products (autodiff's transposes).
+  """
+  probe = jax.jit(lambda a, b: jnp.einsum("bqd,bkd->bqk", a, b, preferred_element_type=jnp.float32))
+  x = jnp.ones((16, 256, 32), jnp.bfloat16)
+  if _dot_operand_dtypes(probe.lower(x, x).compile().as_text())[0][:2] != ("bf16", "bf16"):
+    pytest.skip("this CPU's XLA runs even a plain bf16 dot in f32")
+  module = tiny_module.clone(num_latents=256, embed_dim=64, num_heads=2, head_dim=32,
+                             mlp_dim=128, max_length=512, dtype=jnp.bfloat16,
+                             attention_kernel=AttentionKernel.CHUNKED, attention_chunk_size=128)
+  tokens = _tokens(length=512)
+  params = _init(module, tokens)
+
+  def loss(p):
+    return jnp.mean(module.apply(p, tokens))
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  dots = _dot_operand_dtypes(hlo)
+  assert len(dots) > 50
+  upcast = [op for lhs, rhs, op in dots if "logits" not in op and (lhs, rhs) != ("bf16", "bf16")]
+  assert not upcast, upcast
