@@ -54,7 +54,10 @@ def row_major(x: jax.Array) -> jax.Array:
   XLA CPU otherwise tends to keep a transpose as a layout change of its operand, and a
   dot whose operand is not row-major is upcast to f32 and left to the slow generic
   kernel (bf16 products of the full-length heads-first k/v ran in f32 that way).
+  A CPU workaround: on accelerators, layouts (tiled ones on TPU) stay XLA's choice.
   """
+  if jax.default_backend() != "cpu":
+    return x
   return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
