@@ -92,10 +92,17 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     gin.add_config_file_search_path(os.path.abspath(path))
   if not gin_files:
     raise ConfigError("no --gin_file given (e.g. --gin_file=gin/tiny.gin)")
+  resolved = []
   for path in gin_files:
-    if not any(os.path.isfile(os.path.join(d, path)) for d in ["", *search_paths]):
+    found = [os.path.join(d, path) for d in ["", *search_paths]
+             if os.path.isfile(os.path.join(d, path))]
+    if not found:
       raise ConfigError(f"gin file {path!r} not found (searched . and {list(search_paths)})")
-  gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
+    # absolute, so gin opens it directly: for a relative "runs/x.gin" it would also look
+    # for a Python package "runs", and a ./runs directory (the quick start's model dirs)
+    # is one without a file, which crashes gin's lookup
+    resolved.append(os.path.abspath(found[0]))
+  gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
   check_macro_bindings(bindings)
   gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
   try:

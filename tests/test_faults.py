@@ -62,6 +62,17 @@ def test_missing_gin_file_is_named(parse):
     parse(["gin/nope.gin"], [])
 
 
+def test_gin_file_found_with_a_same_named_directory_in_the_working_dir(parse, tmp_path,
+                                                                     monkeypatch):
+  """`runs/x.gin` from the search path while ./runs exists (the quick start's model dirs):
+  gin looked for a Python package `runs`, found the bare directory, and crashed."""
+  (tmp_path / "runs" / "copy_cpu").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  parse(["runs/copy_cpu.gin"], ["MODEL_DIR = '/x'"])
+  assert gin.query_parameter("%TRAIN_STEPS") > 0
+
+
 def test_length_shorter_than_num_latents(tiny_module):
   model = PerceiverARModel(module=tiny_module)  # 4 latents
   with pytest.raises(trainer.TrainingError, match="gives sequences of 3 tokens, fewer than "
