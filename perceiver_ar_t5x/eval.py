@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app
+from perceiver_ar_t5x import startup  # first: TF must not be imported before this
 
-import gin
-from perceiver_ar_t5x import evaluation, gin_utils, trainer
+startup.quiet_tensorflow()
+
+from absl import app  # noqa: E402
+
+import gin  # noqa: E402
+from perceiver_ar_t5x import evaluation, gin_utils, trainer  # noqa: E402
 
 evaluate = evaluation.evaluate_checkpoint  # `eval_script.evaluate` in gin
 train = trainer.train  # run gin files bind `train_script.train`; they parse here too

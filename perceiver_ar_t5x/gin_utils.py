@@ -84,10 +84,26 @@ def register_enum_constants() -> None:
         gin.constant(name, member)
 
 
+# The project's own configs (`include 'train.gin'`, 'models/...', 'tasks/...'), searched
+# last, as T5X puts its bundled configs on the path: `--gin_file=gin/runs/x.gin` works
+# without --gin_search_paths.
+PROJECT_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def with_project_gin_dir(search_paths: Sequence[str]) -> list[str]:
+  """`search_paths` plus the project's gin/ directory (when present and not listed yet)."""
+  paths = list(search_paths)
+  listed = {os.path.abspath(p) for p in paths}
+  if os.path.isdir(PROJECT_GIN_DIR) and PROJECT_GIN_DIR not in listed:
+    paths.append(PROJECT_GIN_DIR)
+  return paths
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str]) -> None:
   """Parses gin files then bindings; search paths resolve files and includes."""
   register_enum_constants()
+  search_paths = with_project_gin_dir(search_paths)
   for path in search_paths:
     gin.add_config_file_search_path(os.path.abspath(path))
   if not gin_files:
@@ -97,7 +113,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     found = [os.path.join(d, path) for d in ["", *search_paths]
              if os.path.isfile(os.path.join(d, path))]
     if not found:
-      raise ConfigError(f"gin file {path!r} not found (searched . and {list(search_paths)})")
+      raise ConfigError(f"gin file {path!r} not found (searched . and {search_paths})")
     # absolute, so gin opens it directly: for a relative "runs/x.gin" it would also look
     # for a Python package "runs", and a ./runs directory (the quick start's model dirs)
     # is one without a file, which crashes gin's lookup

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
+from perceiver_ar_t5x import startup  # first: TF must not be imported before this
 
-import gin
-from perceiver_ar_t5x import fileio, gin_utils, inference, trainer
+startup.quiet_tensorflow()
+
+from absl import app  # noqa: E402
+
+import gin  # noqa: E402
+from perceiver_ar_t5x import fileio, gin_utils, inference, trainer  # noqa: E402
 
 infer = inference.infer  # `infer_script.infer` in gin
 train = trainer.train  # run gin files bind `train_script.train`; they parse here too

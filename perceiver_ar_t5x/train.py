@@ -16,10 +16,14 @@ import os
 import signal
 import sys
 
-from absl import app, logging
+from perceiver_ar_t5x import startup  # first: TF must not be imported before this
 
-import gin
-from perceiver_ar_t5x import fileio, gin_utils, trainer
+startup.quiet_tensorflow()
+
+from absl import app, logging  # noqa: E402
+
+import gin  # noqa: E402
+from perceiver_ar_t5x import fileio, gin_utils, trainer  # noqa: E402
 
 train = trainer.train  # the gin-configured entry point, `train_script.train` in gin
 
