@@ -12,8 +12,10 @@ JAX_VERSION="0.10.2"
 # uv provides the interpreter for the repo's .venv on each host.
 PYTHON_VERSION="3.11"
 REMOTE_DIR="perceiver_ar_t5x"  # relative to $HOME on each host
-# What a local copy sends (only paths that exist are sent; never .venv/.git).
-COPY_PATHS=(pyproject.toml README.md LICENSE requirements perceiver_ar_t5x gin)
+# What a local copy sends (only paths that exist are sent; never .venv/.git): the package
+# and everything its build reads (pyproject.toml [project] takes its dependencies from
+# requirements/pins.txt and its readme from README.md; tests/scripts/test_install.py checks).
+COPY_PATHS=(pyproject.toml setup.py README.md LICENSE requirements perceiver_ar_t5x gin)
 
 USAGE="Usage: ${0##*/} --name NAME --zone ZONE [--project PROJECT] [--dry-run]
           [--repo-url URL [--branch BRANCH]] [--remote-dir DIR] [--python VERSION]
