@@ -3,13 +3,15 @@
 The events are those of Oore et al. 2018 ("This Time with Feeling"), used by Music
 Transformer (Huang et al. 2018) and Perceiver AR (Hawthorne et al. 2022): NOTE_ON/NOTE_OFF
 per pitch, TIME_SHIFT in 10 ms steps up to 1 s, and a VELOCITY bin that holds until changed.
-Ids 0/1 stay PAD/EOS so SeqIO's conventions apply unchanged. Notes are
-`Note(start, end, pitch, velocity)` in seconds; all non-drum instruments are merged.
+Ids 0/1 stay PAD/EOS so SeqIO's conventions apply unchanged; ids 2.. are note_seq's
+388 one-hot classes in note_seq's order, and the events are note_seq's performance
+encoding token for token (pedal as in `sustain.py`, quantisation and event order as in
+`Performance`; tests/golden/note_seq_events.json). Notes are `Note(start, end, pitch,
+velocity)` in seconds; all non-drum instruments are merged (drum notes are dropped).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import enum
 import functools
@@ -22,6 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pretty_midi
+
+from perceiver_ar_t5x import fileio
+from perceiver_ar_t5x.tasks import sustain
 
 PAD_ID, EOS_ID, NUM_SPECIAL = 0, 1, 2
 MAX_VELOCITY = 127
@@ -49,7 +54,15 @@ class EventVocab:
     num_pitches: int = 128
     max_shift_steps: int = 100
     num_velocity_bins: int = 32
-    step_s: float = 0.01
+    steps_per_second: int = 100
+
+    @property
+    def step_s(self) -> float:
+        return 1 / self.steps_per_second
+
+    def quantize(self, seconds: float) -> int:
+        """Seconds -> nearest step, half up, computed as note_seq's quantize_to_step does."""
+        return int(seconds * self.steps_per_second + 0.5)
 
     @property
     def size(self) -> int:
@@ -101,88 +114,62 @@ class CorruptMidiError(Exception):
         return f"corrupt MIDI file {self.path}: {self.reason}"
 
 
-def sustain_intervals(control_changes: Sequence[pretty_midi.ControlChange]) -> list[tuple]:
-    """[(down_s, up_s)] of the sustain pedal (CC64 >= 64 is down); up is inf if never lifted."""
-    intervals, down = [], None
-    for cc in sorted(control_changes, key=lambda c: c.time):
-        if cc.number == 64 and cc.value >= 64 and down is None:
-            down = cc.time
-        elif cc.number == 64 and cc.value < 64 and down is not None:
-            intervals, down = [*intervals, (down, cc.time)], None
-    return intervals + ([(down, math.inf)] if down is not None else [])
-
-
-def apply_sustain_pedal(notes: Sequence[Note], pedal: Sequence[tuple]) -> list[Note]:
-    """Notes released while the pedal is down ring on until it lifts (or the last note end).
-
-    Music Transformer folds the pedal into durations rather than giving it events. As in
-    Magenta's `apply_sustain_control_changes`, a re-struck pitch cuts the ringing note at
-    the new onset (one string). A note ending exactly at a pedal press counts as caught.
-    """
-    notes, pedal = [Note(*n) for n in notes], sorted(pedal)
-    if not notes or not pedal:
-        return notes
-    final, downs, ends = max(n.end for n in notes), [down for down, _ in pedal], []
-    for n in notes:
-        i = bisect.bisect_right(downs, n.end) - 1  # last press at or before the release
-        caught = i >= 0 and n.end < pedal[i][1]
-        ends.append(max(n.end, min(pedal[i][1], final)) if caught else n.end)
-    by_pitch: dict[int, list[int]] = {}
-    for i in sorted(range(len(notes)), key=lambda i: notes[i].start):
-        by_pitch.setdefault(notes[i].pitch, []).append(i)
-    for order in by_pitch.values():
-        for a, b in itertools.pairwise(order):
-            ends[a] = max(notes[a].end, min(ends[a], notes[b].start))
-    return [n._replace(end=end) for n, end in zip(notes, ends, strict=True)]
-
-
 def _bytes_to_notes(data: bytes, source: str, apply_sustain: bool) -> list[Note]:
+    """Notes sorted stably by (start, pitch) from file order, as note_seq's Performance does."""
     try:
         pm = pretty_midi.PrettyMIDI(io.BytesIO(data))
     except Exception as e:  # mido/pretty_midi raise EOFError, OSError, KeyError, ...
         detail = str(e) or ("unexpected end of data" if isinstance(e, EOFError) else "no detail")
         raise CorruptMidiError(source, f"{detail} ({type(e).__name__})") from e
-    notes: list[Note] = []
-    for inst in [i for i in pm.instruments if not i.is_drum]:  # a drum "pitch" is no key
-        pedal = sustain_intervals(inst.control_changes) if apply_sustain else []  # own channel
-        notes += apply_sustain_pedal([Note(n.start, n.end, n.pitch, n.velocity)
-                                      for n in inst.notes], pedal)
-    return sorted(notes, key=lambda n: (n.start, n.pitch, n.end))
+    tracks = [sustain.Track(
+        [] if inst.is_drum else [Note(n.start, n.end, n.pitch, n.velocity) for n in inst.notes],
+        [sustain.Pedal(c.time, c.value) for c in inst.control_changes
+         if c.number == sustain.SUSTAIN_CONTROL]) for inst in pm.instruments]
+    # A drum "pitch" is no key; a drum's pedal only moves the final time, as in note_seq.
+    notes = sustain.apply_sustain(tracks) if apply_sustain else [t.notes for t in tracks]
+    return sorted((n for track in notes for n in track), key=lambda n: (n.start, n.pitch))
 
 
 def load_midi(path: str | os.PathLike, *, apply_sustain: bool = True) -> list[Note]:
-    """Reads a .mid file; CorruptMidiError if unparsable (a missing file raises OSError)."""
-    with open(path, "rb") as f:
+    """Reads a .mid file (local or gs://); CorruptMidiError if unparsable, else fileio.Error."""
+    with fileio.gfile.GFile(os.fspath(path), "rb") as f:
         return _bytes_to_notes(f.read(), os.fspath(path), apply_sustain)
+
+
+def _check_note(n: Note, vocab: EventVocab) -> None:
+    if not (0 <= n.pitch < vocab.num_pitches and 0 <= n.velocity <= MAX_VELOCITY
+            and 0 <= n.start <= n.end < math.inf):
+        raise ValueError("expected 0 <= start <= end < inf, pitch in [0, "
+                         f"{vocab.num_pitches}), velocity in [0, {MAX_VELOCITY}]; got {n}")
 
 
 def notes_to_events(notes: Sequence[Note], *, vocab: EventVocab = VOCAB) -> np.ndarray:
     """Notes -> int32 ids [num_events], from t=0 (leading silence is kept), without EOS.
 
-    Times snap to the nearest 10 ms step; notes last at least one step. Gaps over 1 s
-    become several TIME_SHIFTs. At one time NOTE_OFFs come first (then NOTE_ONs by pitch),
-    so a re-struck key decodes as two notes. VELOCITY appears only when the bin changes.
+    note_seq's Performance, rule for rule: times snap half-up to 10 ms steps and notes
+    last at least one step; notes are ranked by (start seconds, pitch), stably in the
+    given order; within a step events follow that rank, a note's NOTE_OFF after its own
+    rank's NOTE_ONs (in effect: all NOTE_OFFs, then NOTE_ONs in onset order). VELOCITY
+    comes before a NOTE_ON whose bin differs from the last one. Gaps over 1 s become
+    several TIME_SHIFTs.
     """
-    points = []  # (step, 0 = off / 1 = on, pitch, velocity)
-    for n in (Note(*n) for n in notes):
-        if not (0 <= n.pitch < vocab.num_pitches and 0 <= n.velocity <= MAX_VELOCITY
-                and 0 <= n.start <= n.end < math.inf):
-            raise ValueError("expected 0 <= start <= end < inf, pitch in [0, "
-                             f"{vocab.num_pitches}), velocity in [0, {MAX_VELOCITY}]; got {n}")
-        start = int(n.start / vocab.step_s + 0.5)  # round half up, like Magenta
-        end = max(int(n.end / vocab.step_s + 0.5), start + 1)
-        points += [(start, 1, n.pitch, n.velocity), (end, 0, n.pitch, 0)]
+    ranked = sorted((Note(*n) for n in notes), key=lambda n: (n.start, n.pitch))
+    points = []  # (step, rank, is_off): note_seq's sort key
+    for rank, n in enumerate(ranked):
+        _check_note(n, vocab)
+        start, end = vocab.quantize(n.start), vocab.quantize(n.end)
+        points += [(start, rank, False), (end if end > start else start + 1, rank, True)]
     events: list[int] = []
     step, velocity_bin = 0, None
-    for at, is_on, pitch, velocity in sorted(points):
+    for at, rank, is_off in sorted(points):
         full, rest = divmod(at - step, vocab.max_shift_steps)
         events += [vocab.encode(EventType.TIME_SHIFT, vocab.max_shift_steps)] * full
         events += [vocab.encode(EventType.TIME_SHIFT, rest)] if rest else []
-        step = at
-        if is_on and vocab.velocity_to_bin(velocity) != velocity_bin:
-            velocity_bin = vocab.velocity_to_bin(velocity)
+        step, pitch = at, int(ranked[rank].pitch)
+        if not is_off and vocab.velocity_to_bin(ranked[rank].velocity) != velocity_bin:
+            velocity_bin = vocab.velocity_to_bin(ranked[rank].velocity)
             events.append(vocab.encode(EventType.VELOCITY, velocity_bin))
-        events.append(vocab.encode(EventType.NOTE_ON if is_on else EventType.NOTE_OFF, pitch))
+        events.append(vocab.encode(EventType.NOTE_OFF if is_off else EventType.NOTE_ON, pitch))
     return np.asarray(events, dtype=np.int32)
 
 
@@ -222,13 +209,26 @@ def events_to_notes(events: Tokens, *, vocab: EventVocab = VOCAB,
     return sorted(notes, key=lambda n: (n.start, n.pitch, n.end))
 
 
-def events_to_midi(events: Tokens, path: str | os.PathLike | None = None,
-                   *, vocab: EventVocab = VOCAB, program: int = 0) -> pretty_midi.PrettyMIDI:
-    """Ids -> one-instrument PrettyMIDI (program 0 = grand piano), written to path if given."""
-    pm, instrument = pretty_midi.PrettyMIDI(), pretty_midi.Instrument(program=program)
-    for start, end, pitch, velocity in events_to_notes(events, vocab=vocab):
-        instrument.notes.append(pretty_midi.Note(velocity, pitch, start, end))
-    pm.instruments.append(instrument)
+def events_to_midi(events: Tokens, path: str | os.PathLike | None = None, *,
+                   vocab: EventVocab = VOCAB, program: int = 0,
+                   stop_at_eos: bool = True) -> pretty_midi.PrettyMIDI:
+    """Ids up to EOS -> PrettyMIDI (program 0 = grand piano), written to path if given.
+
+    A MIDI note-off ends every sounding note of its key, so a note that starts while
+    another of its pitch still sounds goes to a second (third, ...) instrument on its own
+    channel: the file then plays and reads back as the events say (round trip exact).
+    """
+    pm, busy = pretty_midi.PrettyMIDI(), []  # per instrument: pitch -> end of its last note
+    for start, end, pitch, velocity in events_to_notes(events, vocab=vocab,
+                                                       stop_at_eos=stop_at_eos):
+        voice = next((i for i, b in enumerate(busy) if b.get(pitch, -1.0) <= start), len(busy))
+        if voice == len(busy):
+            busy.append({})
+            pm.instruments.append(pretty_midi.Instrument(program=program))
+        busy[voice][pitch] = end
+        pm.instruments[voice].notes.append(pretty_midi.Note(velocity, pitch, start, end))
+    if not pm.instruments:
+        pm.instruments.append(pretty_midi.Instrument(program=program))
     if path is not None:
         pm.write(os.fspath(path))
     return pm

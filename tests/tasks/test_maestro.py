@@ -1,6 +1,9 @@
 """maestro_midi over MIDI files the tests write: splits, augmentation, corrupt files."""
 
+import json
 import os
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -97,3 +100,17 @@ def test_crops_are_context_sized_windows(tmp_path, write_midi):
 def test_missing_directory_is_a_clear_error():
   with pytest.raises(datasets.DataError, match="MAESTRO_DIR"):
     _examples("train")
+
+
+def test_validation_examples_are_note_seq_performance_events(tmp_path):
+  """The whole task path (files -> seqio -> batches) yields note_seq's events + EOS."""
+  golden = pathlib.Path(__file__).parents[1] / "golden"
+  want = json.loads((golden / "note_seq_events.json").read_text())["files"]
+  rows = [HEADER]
+  for name in sorted(want):
+    shutil.copy(golden / "midi" / f"{name}.mid", tmp_path / f"{name}.midi")
+    rows.append(f"C,T,validation,2018,{name}.midi,{name}.wav,1.0")
+  (tmp_path / "maestro-v3.0.0.csv").write_text("\n".join(rows) + "\n")
+  tasks.configure(maestro_dir=str(tmp_path))
+  got = [tokens[tokens > 0].tolist() for tokens in _examples("validation", length=1400)]
+  assert got == [want[name] + [midi.EOS_ID] for name in sorted(want)]

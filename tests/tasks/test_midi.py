@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import pickle
 
 import numpy as np
 import pretty_midi
 import pytest
 
-from perceiver_ar_t5x.tasks import midi
+from perceiver_ar_t5x.tasks import midi, sustain
 from perceiver_ar_t5x.tasks.midi import EventType, Note
 
 V = midi.VOCAB
+GOLDEN = pathlib.Path(__file__).parents[1] / "golden"
+NOTE_SEQ = json.loads((GOLDEN / "note_seq_events.json").read_text())["files"]
 
 
 def _write_midi(path, notes, control_changes=(), drums=()) -> None:
@@ -115,10 +119,60 @@ def test_sustain_pedal_extends_notes(tmp_path):
     assert [round(n.end, 2) for n in plain] == [0.5, 2.0, 1.2, 3.5]
 
 
-def test_pedal_never_lifted_holds_to_last_note_end():
+def test_pedal_never_lifted_holds_to_the_last_event():
     notes = [Note(0.0, 0.5, 60, 90), Note(0.0, 3.0, 67, 90)]
-    held = midi.apply_sustain_pedal(notes, [(0.1, float("inf"))])
-    assert [n.end for n in held] == [3.0, 3.0]
+    pedal = [sustain.Pedal(0.1, 127)]
+    assert sustain.sustained_ends([sustain.Track(notes, pedal)]) == [[3.0, 3.0]]
+    late = [sustain.Track(notes, pedal), sustain.Track([], [sustain.Pedal(4.0, 127)])]
+    assert sustain.sustained_ends(late) == [[4.0, 4.0], []]  # any instrument's cc64 counts
+
+
+def test_pedal_held_past_the_last_release_ends_the_final_chord_at_the_lift(tmp_path):
+    """The case that cut the final chord short in about half of the real files."""
+    path = tmp_path / "final.mid"
+    _write_midi(path, [(0.0, 0.3, 60, 80), (0.0, 0.3, 64, 80)], control_changes=[
+        (0.1, 127), (2.0, 0)])
+    assert [n.end for n in midi.load_midi(path)] == [2.0, 2.0]
+
+
+def test_restrike_under_the_pedal_cuts_a_held_note_only_while_the_pedal_is_down():
+    notes = [Note(0.0, 2.0, 60, 90), Note(1.0, 1.5, 60, 90), Note(3.0, 5.0, 62, 90),
+             Note(4.0, 4.5, 62, 90), Note(6.0, 6.5, 64, 90), Note(6.0, 6.2, 64, 91)]
+    pedal = [sustain.Pedal(0.5, 100), sustain.Pedal(2.5, 0), sustain.Pedal(5.9, 64)]
+    # 60 held and re-struck under the pedal: cut at 1.0; the re-strike rings to the lift.
+    # 62 re-struck with the pedal up: both kept. 64 struck twice at once: one survives.
+    assert sustain.sustained_ends([sustain.Track(notes, pedal)]) == [
+        [1.0, 2.5, 5.0, 4.5, None, 6.5]]
+
+
+@pytest.mark.parametrize("name", sorted(NOTE_SEQ))
+def test_events_equal_note_seq_performance_encoding(name):
+    """Token for token against note_seq 0.0.5 (scripts/make_note_seq_fixtures.py)."""
+    got = midi.midi_file_to_events(GOLDEN / "midi" / f"{name}.mid").tolist()
+    assert got == NOTE_SEQ[name]
+
+
+@pytest.mark.parametrize("name", ["chords", "pedal", "restrike", "two_hands", "random_0"])
+def test_golden_round_trip_keeps_every_note(tmp_path, name):
+    """.mid -> events -> .mid: every (pedalled, overlapping) note within 10 ms and its bin."""
+    want = midi.load_midi(GOLDEN / "midi" / f"{name}.mid")
+    midi.events_to_midi(midi.midi_file_to_events(GOLDEN / "midi" / f"{name}.mid"),
+                        tmp_path / "out.mid")
+    got = midi.load_midi(tmp_path / "out.mid", apply_sustain=False)
+
+    def steps(n: Note, quantize) -> tuple:  # what the events can say about a note
+        start = quantize(n.start)
+        return start, n.pitch, max(quantize(n.end), start + 1), V.velocity_to_bin(n.velocity)
+
+    want = sorted(want, key=lambda n: steps(n, V.quantize))
+    got = sorted(got, key=lambda n: steps(n, lambda t: round(t * 100)))
+    assert [steps(n, lambda t: round(t * 100)) for n in got] == [
+        steps(n, V.quantize) for n in want]
+    for g, w in zip(got, want, strict=True):
+        assert abs(g.start - w.start) <= 0.01
+        assert abs(g.end - w.end) <= 0.01 or (w.end - w.start < 0.01 and
+                                              abs(g.end - g.start - 0.01) < 0.003)
+        assert V.velocity_to_bin(g.velocity) == V.velocity_to_bin(w.velocity)
 
 
 def test_decoding_arbitrary_tokens_never_crashes(tmp_path):
