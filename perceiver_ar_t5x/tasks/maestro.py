@@ -72,7 +72,8 @@ def read_midi_files(paths: list[str], split: str, *, task: str) -> tf.data.Datas
   Corrupt files are skipped (and counted); files without notes are dropped silently.
   """
   augment = split == "train"
-  ds = files.read_skipping(paths, _parse_notes, task=task, dtype=tf.float64, shape=[None, 4])
+  ds = files.read_skipping(paths, _parse_notes, task=task, dtype=tf.float64, shape=[None, 4],
+                          split=split)
   ds = ds.filter(lambda ex: tf.shape(ex["value"])[0] > 0)
   return ds.map(lambda ex: {"notes": ex["value"], "augment": tf.constant(augment)})
 

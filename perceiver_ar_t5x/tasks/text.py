@@ -51,9 +51,8 @@ def spm_text_task(name: str, source: seqio.DataSource) -> seqio.Task:
 def read_text_files(paths: list[str], split: str, *, task: str, utf8: bool = False
                     ) -> tf.data.Dataset:
   """{'targets': file contents} per readable, non-empty file; bad files are skipped."""
-  del split  # every split is read alike
   ds = files.read_skipping(paths, files.read_utf8 if utf8 else files.read_bytes, task=task,
-                           dtype=tf.string, shape=[])
+                           dtype=tf.string, shape=[], split=split)
   ds = ds.map(lambda ex: {"targets": ex["value"]})
   return ds.filter(lambda ex: tf.strings.length(ex["targets"]) > 0)
 

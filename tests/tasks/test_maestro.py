@@ -114,3 +114,33 @@ def test_validation_examples_are_note_seq_performance_events(tmp_path):
   tasks.configure(maestro_dir=str(tmp_path))
   got = [tokens[tokens > 0].tolist() for tokens in _examples("validation", length=1400)]
   assert got == [want[name] + [midi.EOS_ID] for name in sorted(want)]
+
+
+def test_corrupt_files_are_warned_about_once_per_run_with_one_summary(tmp_path, write_midi,
+                                                                      caplog):
+  """3 corrupt of 9 train files over 3 epochs: 3 warning lines + 1 summary, count = files."""
+  rows = [HEADER, "C,T,validation,2018,good0.midi,x.wav,1.0"]
+  for i in range(9):
+    name = f"bad{i}.midi" if i % 3 == 0 else f"good{i}.midi"
+    if i % 3 == 0:
+      (tmp_path / name).write_bytes(b"MThd\x00\x00\x00\x06garbage" + bytes([i]))
+    else:
+      write_midi(tmp_path / name, scale(offset=i, count=6))
+    rows.append(f"C,T,train,2018,{name},x.wav,1.0")
+  write_midi(tmp_path / "good0.midi", scale(count=6))
+  (tmp_path / "maestro-v3.0.0.csv").write_text("\n".join(rows) + "\n")
+  tasks.configure(maestro_dir=str(tmp_path))
+  task = f"maestro_hygiene_{tmp_path.name}"  # a fresh task: its own counter and summary
+  maestro.register_maestro(task)
+  cfg = datasets.DatasetConfig(task, {"targets": 32}, "train", batch_size=2, shuffle=True)
+  with caplog.at_level("WARNING"):
+    batches = datasets.numpy_batches(datasets.get_dataset(cfg, repeat=True))
+    for _ in range(9):  # 6 good files a pass, 2 a batch: 3 passes
+      next(batches)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(task)]
+  per_file = sorted(x for x in lines if "skipping unreadable file" in x)
+  assert [x.split()[4].rsplit("/", 1)[-1] for x in per_file] == [
+      "bad0.midi", "bad3.midi", "bad6.midi"]
+  assert [x for x in lines if x not in per_file] == [
+      f"{task}: 3 of 9 train files unreadable, skipped: bad0.midi, bad3.midi, bad6.midi"]
+  assert files.SKIPPED.count(task) == 3
