@@ -11,6 +11,7 @@ scalars and the progress line (loss, accuracy, steps/s, ETA).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,17 +40,28 @@ def read(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def _torn(path: str) -> bool:
+  """Whether the file ends inside a line (its writer was killed mid-write)."""
+  if not fileio.gfile.exists(path):
+    return False
+  with fileio.gfile.GFile(path, "rb") as f:
+    data = f.read()
+  return bool(data) and not data.endswith(b"\n")
+
+
 def losses_by_step(path: str) -> dict[int, float]:
   """{step: loss}; a step written twice (recomputed after a resume) keeps its last value."""
   return {int(r["step"]): float(r["loss"]) for r in read(path)}
 
 
 class MetricsLog:
-  """Appends step records; on resume drops records past the restored step first.
+  """Appends step records; on resume sets aside the records past the restored step.
 
-  Steps after the restored checkpoint are recomputed by the resumed run, so
-  their old records (from the interrupted run) are removed; the file is
-  rewritten atomically (write + rename).
+  The file is only ever appended to, except when it holds records of steps after
+  the restored checkpoint: the resumed run recomputes those, so they move to
+  `metrics.superseded.jsonl` beside it (appended, nothing is lost) and the file is
+  rewritten atomically (write + rename) with the records up to the restored step.
+  Records at or below the restored step are never removed.
   """
 
   def __init__(self, path: str, start_step: int, *, enabled: bool = True):
@@ -57,8 +69,17 @@ class MetricsLog:
     self._file = None
     if not enabled:
       return
-    kept = [r for r in read(path) if int(r.get("step", 0)) <= start_step]
-    fileio.write_atomic(path, [json.dumps(r) + "\n" for r in kept])
+    records = read(path)
+    later = [r for r in records if int(r.get("step", 0)) > start_step]
+    if later:
+      superseded = path.removesuffix(".jsonl") + ".superseded.jsonl"
+      with fileio.gfile.GFile(superseded, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in later))
+    if later or _torn(path):  # a line torn by a kill would swallow the next record
+      kept = [r for r in records if int(r.get("step", 0)) <= start_step]
+      fileio.write_atomic(path, [json.dumps(r) + "\n" for r in kept])
+    else:
+      fileio.gfile.makedirs(os.path.dirname(path) or ".")
     self._file = fileio.gfile.GFile(path, "a")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -20,6 +20,7 @@ from perceiver_ar_t5x import startup  # first: TF must not be imported before th
 
 startup.quiet_tensorflow()
 
+import jax  # noqa: E402
 from absl import app, logging  # noqa: E402
 
 import gin  # noqa: E402
@@ -29,6 +30,9 @@ train = trainer.train  # the gin-configured entry point, `train_script.train` in
 
 
 def _write_config(model_dir: str, text: str) -> None:
+  """config.gin: process 0 writes it (as T5X); every process parsed the same flags."""
+  if jax.process_index() != 0:
+    return
   fileio.gfile.makedirs(model_dir)
   fileio.write_text(os.path.join(model_dir, "config.gin"), text)
 
@@ -37,8 +41,10 @@ def main(argv: list[str]) -> None:
   with gin_utils.configured("train", argv):
     model_dir = gin.query_parameter("%MODEL_DIR")
     trainer.check_model_dir(model_dir)
-    _write_config(model_dir, gin.config_str())
-    result = gin.get_configurable(train)()
+    if not fileio.gfile.exists(os.path.join(model_dir, "config.gin")):
+      _write_config(model_dir, gin.config_str())  # a resumed run's file stays until it ends
+    macros = {name: gin.query_parameter(f"%{name}") for name in gin_utils.defined_macros()}
+    result = gin.get_configurable(train)(config_values=macros)
     _write_config(model_dir, gin.operative_config_str())
   if result.stopped_by_signal is not None:
     print(f"stopped by {signal.Signals(result.stopped_by_signal).name} at step "

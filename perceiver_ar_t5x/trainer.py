@@ -17,21 +17,23 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from clu import metric_writers
 
 from perceiver_ar_t5x import (
   checkpoints,
+  data_state,
   datasets,
   evaluation,
   fileio,
   inference,
+  multihost,
   optimizers,
+  resume,
   training,
 )
 from perceiver_ar_t5x import partitioning as pt
@@ -88,7 +90,9 @@ def check_model_dir(model_dir: str) -> None:
 
 def write_model_info(model_dir: str, state: training.TrainState,
                      part: training.Partitioned) -> None:
-  """model-info.txt: parameter count, then each param's shape, logical axes and sharding."""
+  """model-info.txt (process 0 only, as T5X): param count, each param's shape/axes/sharding."""
+  if jax.process_index() != 0:
+    return
   shapes = jax.tree_util.tree_flatten_with_path(state.params)[0]
   logical = dict(zip([jax.tree_util.keystr(p) for p, _ in shapes],
                      jax.tree.leaves(part.params_logical,
@@ -102,46 +106,12 @@ def write_model_info(model_dir: str, state: training.TrainState,
   fileio.write_text(os.path.join(model_dir, "model-info.txt"), "\n".join(lines) + "\n")
 
 
-def restore_or_init(model: PerceiverARModel, state: training.TrainState,
-                    ckpt: checkpoints.Checkpointer) -> tuple[int, training.TrainState]:
-  """Restores the newest good checkpoint into `state`'s shardings (or keeps `state`)."""
-  if ckpt.steps():
-    newest = ckpt.steps()[-1]
-    checkpoints.check_meta(ckpt.try_meta(newest), model, f"{ckpt.directory}/{newest}")
-  restored = ckpt.restore_latest(training.abstract_state(state))
-  if restored is None:
-    if ckpt.steps():
-      raise TrainingError(f"no checkpoint in {ckpt.directory} could be restored")
-    return 0, state
-  step, restored_state, _ = restored
-  logging.info("Restored checkpoint for step %d from %s", step, ckpt.directory)
-  return step, restored_state
-
-
 @dataclasses.dataclass
 class TrainResult:
   state: training.TrainState
   metrics: dict[str, float]
   sample: dict[str, str]
   stopped_by_signal: int | None = None
-
-
-class _StopFlag:
-  """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and exits."""
-
-  def __init__(self) -> None:
-    self.signum: int | None = None
-
-  def install(self) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    if self.signum is None:
-      logging.warning("Received %s: finishing the current step, then saving.",
-                      signal.Signals(signum).name)
-    self.signum = signum
 
 
 @dataclasses.dataclass
@@ -155,17 +125,21 @@ class _Loop:
   ckpt: checkpoints.Checkpointer
   train_step: Callable[..., Any]
   step_rng: jax.Array
-  batches: Iterator[dict[str, np.ndarray]]
+  batches: data_state.TrainBatches
   run_eval: Callable[[int, Any], dict[str, float]]
   writer: metric_writers.MetricWriter
   log: MetricsLog
-  stop: _StopFlag
+  stop: multihost.StopFlag
   tokens_per_step: int
+  meta: dict[str, Any]  # checkpoints.model_meta: model fields and config values
 
   def save(self, step: int, force: bool = False) -> None:
+    """Saves the state and this process's input position, captured now (before the next
+    batch is drawn), so even an asynchronous save stores the position of `step`."""
     if force and step in self.ckpt.steps():
       return
-    self.ckpt.save(step, self.state, checkpoints.model_meta(self.model, step), force=force)
+    self.ckpt.save(step, self.state, dict(self.meta, step=step), force=force,
+                   data=self.batches.save())
 
 
 def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
@@ -194,7 +168,8 @@ def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
 def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
            train_cfg: datasets.DatasetConfig, eval_cfg: datasets.DatasetConfig | None,
            model_dir: str, loop_cfg: LoopConfig, checkpoint_cfg: checkpoints.CheckpointConfig,
-           partitioning_cfg: pt.PartitioningConfig) -> tuple[_Loop, int, training.Partitioned]:
+           partitioning_cfg: pt.PartitioningConfig, config_values: Mapping[str, Any] | None
+           ) -> tuple[_Loop, int, training.Partitioned]:
   """Builds state (restored when MODEL_DIR has a checkpoint), steps, data and writers."""
   length = check_lengths(model, dict(train_cfg.task_feature_lengths))
   check_model_dir(model_dir)
@@ -202,16 +177,21 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   optimizer, schedule = optimizers.make_optimizer(optimizer_cfg, loop_cfg.total_steps)
   mesh = pt.make_mesh(partitioning_cfg.num_partitions)
   seed_rng = jax.random.key(loop_cfg.random_seed)
-  state, part = training.create_state(model, optimizer, jax.random.fold_in(seed_rng, 0),
-                                      length, mesh, pt.logical_axis_rules(partitioning_cfg))
-  logging.info("%d parameters; partitioning:\n%s", training.param_count(state.params),
+  rules = pt.logical_axis_rules(partitioning_cfg)
+  abstract, part = training.state_layout(model, optimizer, length, mesh, rules)
+  logging.info("%d parameters; partitioning:\n%s", training.param_count(abstract.params),
                "\n".join(pt.describe(mesh, part.params_logical, part.state_sharding.params)))
-  write_model_info(model_dir, state, part)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint_cfg)
-  start, state = restore_or_init(model, state, ckpt)
+  meta = checkpoints.model_meta(model, 0, config_values)
+  start, state, position = resume.restore_or_init(model, ckpt, abstract, meta, lambda: (
+      training.create_state(model, optimizer, jax.random.fold_in(seed_rng, 0), length, mesh,
+                            rules)[0]))
+  write_model_info(model_dir, state, part)
   layout = pt.data_layout(mesh)  # processes holding the same batch rows read the same data
   ds = datasets.get_dataset(train_cfg, shard_index=layout.shard_index,
                             num_shards=layout.num_shards)
+  batches = data_state.TrainBatches(ds)
+  data_state.resume(batches, position, start)
   just_log = jax.process_index() > 0
   eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
                                                      just_logging=just_log)
@@ -219,13 +199,14 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
       model=model, loop_cfg=loop_cfg, period=checkpoint_cfg.period, state=state, ckpt=ckpt,
       train_step=training.make_train_step(model, optimizer, schedule, part),
       step_rng=jax.random.fold_in(seed_rng, 1),
-      batches=datasets.numpy_batches(ds.skip(start)),
+      batches=batches,
       run_eval=_eval_fn(model, part, eval_cfg, loop_cfg.eval_steps, eval_writer),
       writer=metric_writers.create_default_writer(os.path.join(model_dir, "train"),
                                                   just_logging=just_log),
       log=MetricsLog(os.path.join(model_dir, "train", "metrics.jsonl"), start,
                      enabled=not just_log),
-      stop=_StopFlag(), tokens_per_step=train_cfg.batch_size * length)
+      stop=multihost.StopFlag(), tokens_per_step=train_cfg.batch_size * length,
+      meta=meta)
   return loop, start, part
 
 
@@ -238,24 +219,43 @@ def _check_finite(loop: _Loop, step: int, metrics: dict[str, Any]) -> None:
                         f"checkpoint: step {good[-1] if good else 'none'} in {loop.ckpt.directory}")
 
 
-def _run_steps(loop: _Loop, start: int) -> int:
-  """Steps until total_steps or a stop signal; returns the step reached."""
-  cfg, step = loop.loop_cfg, start
+def _record(loop: _Loop, stats: StepStats, step: int, metrics: Mapping[str, Any]) -> None:
+  """Fetches step `step`'s metrics (waits for that step only), checks the loss, logs."""
+  metrics = jax.device_get(metrics)
+  _check_finite(loop, step, metrics)
+  loop.log.write(step, metrics)
+  stats.add(metrics)
+  if step % loop.loop_cfg.stats_period == 0 or step == loop.loop_cfg.total_steps:
+    stats.flush(step, metrics)
+
+
+def _run_steps(loop: _Loop, start: int) -> tuple[int, int | None]:
+  """Steps until total_steps or an agreed stop; returns (step reached, signal stopped by).
+
+  The host stays a step behind: N's metrics are fetched while N+1 runs. Eval and save
+  steps fetch their own first (the step donates its input state), so a checkpoint is
+  written only once its step's loss is known finite: a NaN keeps the last good one.
+  """
+  cfg, step, pending = loop.loop_cfg, start, None
   stats = StepStats(start, loop.writer, loop.tokens_per_step, cfg.total_steps)
-  while step < cfg.total_steps and loop.stop.signum is None:
+  agreement, stopped = multihost.StopAgreement(loop.stop), None
+  while step < cfg.total_steps and (stopped := agreement.agreed_stop(step)) is None:
     loop.state, metrics = loop.train_step(loop.state, next(loop.batches), loop.step_rng)
     step += 1
-    metrics = jax.device_get(metrics)
-    _check_finite(loop, step, metrics)
-    loop.log.write(step, metrics)
-    stats.add(metrics)
-    if step % cfg.stats_period == 0 or step == cfg.total_steps:
-      stats.flush(step, metrics)
-    if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.total_steps:
-      loop.run_eval(step, loop.state.params)
-    if step % loop.period == 0:
-      loop.save(step)
-  return step
+    if pending is not None:
+      _record(loop, stats, *pending)
+    pending = (step, metrics)
+    evals = cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.total_steps
+    if evals or step % loop.period == 0:
+      _record(loop, stats, *pending)
+      pending = None
+      if evals:
+        loop.run_eval(step, loop.state.params)
+      if step % loop.period == 0:
+        loop.save(step)
+  if pending is not None:
+    _record(loop, stats, *pending)
+  return step, stopped
 
 
 def train(*, model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
@@ -263,29 +263,35 @@ def train(*, model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
           train_eval_dataset_cfg: datasets.DatasetConfig | None, model_dir: str,
           loop_cfg: LoopConfig, checkpoint_cfg: checkpoints.CheckpointConfig,
           partitioning_cfg: pt.PartitioningConfig = pt.PartitioningConfig(),
-          handle_signals: bool = True, sample_at_end: bool = True) -> TrainResult:
-  """Trains `model`; returns the final state, final eval metrics and a sample."""
+          handle_signals: bool = True, sample_at_end: bool = True,
+          config_values: Mapping[str, Any] | None = None) -> TrainResult:
+  """Trains `model`; returns the final state, final eval metrics and a sample.
+
+  `config_values` (the binary's gin macros) are stored with each checkpoint, so a
+  mismatching restore can name the values that changed.
+  """
   t0 = time.time()
   loop, start, _ = _setup(model, optimizer_cfg, train_dataset_cfg, train_eval_dataset_cfg,
-                          model_dir, loop_cfg, checkpoint_cfg, partitioning_cfg)
+                          model_dir, loop_cfg, checkpoint_cfg, partitioning_cfg, config_values)
   if handle_signals:
     loop.stop.install()
-  try:
-    step = _run_steps(loop, start)
-    loop.save(step, force=True)
-  finally:
-    loop.log.close()
-    loop.ckpt.wait()
-  if loop.stop.signum is not None:
+  with multihost.peer_failures_end_the_run():
+    try:
+      step, stopped = _run_steps(loop, start)
+      loop.save(step, force=True)
+    finally:
+      loop.log.close()
+      loop.ckpt.wait()
+    if stopped is not None:  # every process stops at this step with the same signal
+      loop.ckpt.close()
+      logging.info("Stopped by %s: saved checkpoint at step %d in %s; rerun the same command "
+                   "to resume.", signal.Signals(stopped).name, step, loop.ckpt.directory)
+      return TrainResult(loop.state, {}, {}, stopped)
+    final = loop.run_eval(step, loop.state.params)
+    sample = {}
+    if sample_at_end and train_eval_dataset_cfg is not None:
+      sample = inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
     loop.ckpt.close()
-    logging.info("Stopped by %s: saved checkpoint at step %d in %s; rerun the same command to "
-                 "resume.", signal.Signals(loop.stop.signum).name, step, loop.ckpt.directory)
-    return TrainResult(loop.state, {}, {}, loop.stop.signum)
-  final = loop.run_eval(step, loop.state.params)
-  sample = {}
-  if sample_at_end and train_eval_dataset_cfg is not None:
-    sample = inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
-  loop.ckpt.close()
   loop.writer.close()
   logging.info("Training finished at step %d in %.1fs", step, time.time() - t0)
   return TrainResult(loop.state, final, sample)

@@ -60,17 +60,16 @@ def abstract_params(model: PerceiverARModel, length: int) -> Any:
                         jax.random.key(0), tokens)
 
 
-def create_state(model: PerceiverARModel, optimizer: optax.GradientTransformation,
-                 rng: jax.Array, length: int, mesh: Mesh,
-                 rules: tuple[tuple[str, Any], ...]) -> tuple[TrainState, Partitioned]:
-  """Initialises params directly sharded on `mesh`, and the optimizer state."""
+def state_layout(model: PerceiverARModel, optimizer: optax.GradientTransformation,
+                 length: int, mesh: Mesh, rules: tuple[tuple[str, Any], ...]
+                 ) -> tuple[TrainState, Partitioned]:
+  """(abstract TrainState of ShapeDtypeStructs with shardings, Partitioned); computes nothing.
+
+  The restore target for a checkpoint, and the layout `create_state` initialises into.
+  """
   boxed = abstract_params(model, length)
   logical = nn.get_partition_spec(boxed)
   params_sharding = pt.fitted_shardings(logical, nn.unbox(boxed), mesh, rules)
-
-  def init(r: jax.Array) -> Any:
-    return nn.unbox(model.module.init({"params": r}, jnp.zeros((1, length), jnp.int32))["params"])
-
   replicated = pt.replicated(mesh)
   shapes = nn.unbox(boxed)
   opt_shapes = jax.eval_shape(optimizer.init, shapes)
@@ -82,13 +81,30 @@ def create_state(model: PerceiverARModel, optimizer: optax.GradientTransformatio
 
   opt_sharding = optax.tree_map_params(optimizer, like_param, opt_shapes, params_sharding,
                                        shapes, transform_non_params=lambda _: replicated)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params = jax.jit(init, out_shardings=params_sharding)(rng)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
   state_sharding = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding)
-  state = jax.device_put(state, state_sharding)
-  return state, Partitioned(mesh, tuple(rules), logical, state_sharding, pt.batch_sharding(mesh))
+  shapes_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes,
+                            opt_state=opt_shapes)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes_state, state_sharding)
+  return abstract, Partitioned(mesh, tuple(rules), logical, state_sharding,
+                               pt.batch_sharding(mesh))
+
+
+def create_state(model: PerceiverARModel, optimizer: optax.GradientTransformation,
+                 rng: jax.Array, length: int, mesh: Mesh,
+                 rules: tuple[tuple[str, Any], ...]) -> tuple[TrainState, Partitioned]:
+  """Initialises params directly sharded on `mesh`, and the optimizer state."""
+  _, part = state_layout(model, optimizer, length, mesh, rules)
+  sharding = part.state_sharding
+
+  def init(r: jax.Array) -> Any:
+    return nn.unbox(model.module.init({"params": r}, jnp.zeros((1, length), jnp.int32))["params"])
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = jax.jit(init, out_shardings=sharding.params)(rng)
+    opt_state = jax.jit(optimizer.init, out_shardings=sharding.opt_state)(params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  return jax.device_put(state, sharding), part
 
 
 def abstract_state(state: TrainState) -> Any:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_t5x import checkpoints, metrics_log, trainer
+from perceiver_ar_t5x import checkpoints, metrics_log, multihost
 from tests import binaries
 from tests.conftest import REPO, binary_env
 
@@ -86,7 +86,7 @@ def test_metrics_log_drops_steps_past_the_restored_one_and_torn_lines(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_flag_catches_both_signals(sig):
   old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  flag = trainer._StopFlag()  # noqa: SLF001
+  flag = multihost.StopFlag()
   try:
     flag.install()
     os.kill(os.getpid(), sig)
