@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -152,3 +153,87 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
   logged = [json.loads(line)["step"] for line in
             (model_dir / "train" / "metrics.jsonl").read_text().splitlines()]
   assert logged == list(range(1, steps[0] + 1))
+
+
+def _text_corpus(root) -> dict[str, str]:
+  """Documents of different lengths (some longer than a row, so packing and crops both act)."""
+  env = {}
+  for split, count in (("train", 9), ("valid", 2)):
+    (root / split).mkdir(parents=True)
+    for i in range(count):
+      words = " ".join(f"{split}{i}-word{j}" for j in range(3 + 4 * i))
+      (root / split / f"doc{i}.txt").write_text(words)
+  env["TEXT_FILES"], env["TEXT_VALIDATION_FILES"] = str(root / "train"), str(root / "valid")
+  return env
+
+
+def _maestro(root) -> dict[str, str]:
+  """A MAESTRO-layout folder of short piano pieces written with pretty_midi."""
+  import pretty_midi
+  rows = ["canonical_composer,canonical_title,split,year,midi_filename,audio_filename,duration"]
+  for i, split in enumerate(["train"] * 6 + ["validation"]):
+    pm = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    piano.notes = [pretty_midi.Note(60 + j % 20, 40 + i + j % 12, 0.1 * j, 0.1 * j + 0.25)
+                   for j in range(10 + 5 * i)]
+    pm.instruments.append(piano)
+    (root / "2018").mkdir(parents=True, exist_ok=True)
+    pm.write(str(root / "2018" / f"piece{i}.midi"))
+    rows.append(f"C,T{i},{split},2018,2018/piece{i}.midi,x.wav,1.0")
+  (root / "maestro-v3.0.0.csv").write_text("\n".join(rows) + "\n")
+  return {"MAESTRO_DIR": str(root)}
+
+
+def test_input_position_is_restored_without_replay(tmp_path, caplog):
+  from perceiver_ar_t5x import data_state, datasets, tasks
+  env = _text_corpus(tmp_path / "corpus")
+  tasks.configure(text_files=env["TEXT_FILES"])
+  try:
+    cfg = datasets.DatasetConfig("text_bytes", {"targets": 24}, "train", 4, pack=True)
+    batches = data_state.TrainBatches(datasets.get_dataset(cfg))
+    head = [next(batches) for _ in range(3)]
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "m"))
+    ckpt.save(3, _state(3), {"step": 3}, data=batches.save())
+    ckpt.close()
+    want = [next(batches) for _ in range(4)]
+    saved = checkpoints.Checkpointer(str(tmp_path / "m"), read_only=True).read_data(3)
+    assert sorted(saved) == [".data-00000-of-00001", ".index"]
+    assert (tmp_path / "m" / "checkpoints" / "3" / "data" / "train_ds-0-of-1.index").exists()
+    for position, replays in ((saved, False), ({}, True)):  # {}: a checkpoint of an older run
+      resumed = data_state.TrainBatches(datasets.get_dataset(cfg))
+      caplog.clear()
+      data_state.resume(resumed, position, 3)
+      assert ("replaying 3 batches" in caplog.text) == replays
+      for got, expected in zip([next(resumed) for _ in range(4)], want, strict=True):
+        assert got.keys() == expected.keys() and "decoder_segment_ids" in got
+        for key in got:
+          np.testing.assert_array_equal(got[key], expected[key])
+    assert any(not np.array_equal(a["decoder_target_tokens"], b["decoder_target_tokens"])
+               for a, b in zip(head, want[:3], strict=True))
+  finally:
+    tasks.configure(text_files=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gin_file, make_data", [("gin/runs/text_bytes_cpu.gin", _text_corpus),
+                                                 ("gin/runs/maestro_cpu.gin", _maestro)],
+                         ids=["text_bytes_packed", "maestro_midi"])
+def test_file_task_resume_restores_the_input_position_bit_identically(tmp_path, gin_file,
+                                                                      make_data):
+  """The disk a kill -9 after step 12 leaves when checkpoints 10 and 12 were not yet written:
+  checkpoint 5 and metrics up to 12. The resumed run must read the batches the
+  uninterrupted run read at steps 6..12, from the saved iterator state (no replay)."""
+  env = make_data(tmp_path / "data")
+  run = dict(gin_files=(gin_file,), env=env)
+  baseline = binaries.train(tmp_path / "a", "--gin.TRAIN_STEPS=12", **run)
+  assert baseline.returncode == 0, baseline.stderr[-3000:]
+  expected = metrics_log.read(str(tmp_path / "a" / "train" / "metrics.jsonl"))
+  assert [r["step"] for r in expected] == list(range(1, 13))
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  for step in (10, 12):
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / str(step))
+  resumed = binaries.train(tmp_path / "b", "--gin.TRAIN_STEPS=12", **run)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Restored checkpoint for step 5" in resumed.stderr, resumed.stderr[-3000:]
+  assert "Restored the input position of step 5 (no batches replayed)" in resumed.stderr
+  assert metrics_log.read(str(tmp_path / "b" / "train" / "metrics.jsonl")) == expected
