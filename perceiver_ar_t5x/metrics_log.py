@@ -55,13 +55,12 @@ def losses_by_step(path: str) -> dict[int, float]:
 
 
 class MetricsLog:
-  """Appends step records; on resume sets aside the records past the restored step.
+  """Appends step records; on resume first removes the records past the restored step.
 
-  The file is only ever appended to, except when it holds records of steps after
-  the restored checkpoint: the resumed run recomputes those, so they move to
-  `metrics.superseded.jsonl` beside it (appended, nothing is lost) and the file is
-  rewritten atomically (write + rename) with the records up to the restored step.
-  Records at or below the restored step are never removed.
+  The file is only appended to, except when it holds records of steps after the
+  restored checkpoint (the resumed run recomputes those, bit for bit) or ends in a
+  line torn by a kill: then it is rewritten atomically (write + rename) with the
+  records up to the restored step. Records at or below that step are never removed.
   """
 
   def __init__(self, path: str, start_step: int, *, enabled: bool = True):
@@ -70,12 +69,7 @@ class MetricsLog:
     if not enabled:
       return
     records = read(path)
-    later = [r for r in records if int(r.get("step", 0)) > start_step]
-    if later:
-      superseded = path.removesuffix(".jsonl") + ".superseded.jsonl"
-      with fileio.gfile.GFile(superseded, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in later))
-    if later or _torn(path):  # a line torn by a kill would swallow the next record
+    if any(int(r.get("step", 0)) > start_step for r in records) or _torn(path):
       kept = [r for r in records if int(r.get("step", 0)) <= start_step]
       fileio.write_atomic(path, [json.dumps(r) + "\n" for r in kept])
     else:
