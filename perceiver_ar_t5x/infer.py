@@ -5,7 +5,8 @@ r"""Infer binary with T5X's interface: sample continuations from a checkpoint.
     --gin.INFER_OUTPUT_DIR="'/tmp/perceiver_ar_tiny/infer'" --gin_search_paths=gin
 
 Gin configures `infer_script.infer` (`inference.infer`); see gin/infer.gin.
-Writes `<INFER_OUTPUT_DIR>/<source>-<step>.jsonl` (inputs, prediction, score).
+Writes `<INFER_OUTPUT_DIR>/<source>-<step>.jsonl` (inputs = prompt, prediction =
+continuation, score), plus .mid/.png per sample for MIDI tasks; process 0 writes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from perceiver_ar_t5x import startup  # first: TF must not be imported before th
 
 startup.quiet_tensorflow()
 
+import jax  # noqa: E402
 from absl import app  # noqa: E402
 
 import gin  # noqa: E402
@@ -28,6 +30,8 @@ train = trainer.train  # run gin files bind `train_script.train`; they parse her
 def main(argv: list[str]) -> None:
   with gin_utils.configured("infer", argv):
     path = gin.get_configurable(infer)()
+  if jax.process_index() != 0:  # only process 0 wrote it
+    return
   with fileio.gfile.GFile(path) as f:
     lines = f.readlines()
   print(f"wrote {len(lines)} predictions to {path}")

@@ -1,13 +1,15 @@
-"""Inference: prompts (a task split, or a text/jsonl file) -> samples -> jsonl (+ .mid).
+"""Inference: prompts (a task split, or a text/jsonl file) -> samples -> jsonl (+ .mid, .png).
 
-Every sample goes through `_sample_batch`, the one call into `decoding.sample`,
-so the decoder behind it can change without touching the binaries.
+Every sample goes through `_sample_batch`, the one call into `decoding.decode`, so the
+decoder behind it can change without touching the binaries. Defaults are per kind of
+task (DEFAULTS): a MIDI or text model is judged by a sampled continuation of useful
+length, not by greedy decoding, which loops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import enum
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -20,6 +22,7 @@ import seqio
 from perceiver_ar_t5x import checkpoints, datasets, decoding, fileio, slicing
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.models import PerceiverARModel
+from perceiver_ar_t5x.tasks import files, midi_outputs
 
 
 class InferenceError(ValueError):
@@ -100,45 +103,93 @@ def prompts_from_split(cfg: datasets.DatasetConfig, prompt_length: int | None,
     yield Prompt(targets[:cut].astype(np.int32), targets[cut:n].astype(np.int32))
 
 
+class TaskKind(enum.Enum):
+  """What a task's samples are, which picks infer's defaults and extra outputs."""
+  MIDI = "midi"  # performance events: sampled, ~20 s of music, .mid + piano roll
+  TEXT = "text"  # bytes or SentencePiece: sampled, a few hundred bytes
+  TOKENS = "tokens"  # anything else (the copy task): greedy up to the model's length
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDefaults:
+  """Defaults a user can judge a model by; None max_new_tokens fills the model's length."""
+  max_new_tokens: int | None
+  temperature: float
+  top_p: float
+  stop_at_eos: bool
+
+
+DEFAULTS = {
+    # MAESTRO piano is ~40-100 events/s: 1500 events are ~15-35 s of music.
+    TaskKind.MIDI: TaskDefaults(1500, temperature=1.0, top_p=0.95, stop_at_eos=True),
+    TaskKind.TEXT: TaskDefaults(400, temperature=1.0, top_p=0.95, stop_at_eos=True),
+    TaskKind.TOKENS: TaskDefaults(None, temperature=0.0, top_p=1.0, stop_at_eos=False),
+}
+SPM_BYTES_PER_TOKEN = 4  # a text task's new-token default is ~400 bytes either way
+
+
+def task_kind(task_name: str, vocab: seqio.Vocabulary) -> TaskKind:
+  if "midi" in task_name or "maestro" in task_name:
+    return TaskKind.MIDI
+  if isinstance(vocab, (seqio.ByteVocabulary, seqio.SentencePieceVocabulary)):
+    return TaskKind.TEXT
+  return TaskKind.TOKENS
+
+
+def resolve_defaults(kind: TaskKind, vocab: seqio.Vocabulary, *, max_new_tokens: int | None,
+                     temperature: float | None, top_k: int, top_p: float | None,
+                     eos_id: int | None) -> tuple[int | None, decoding.SamplingConfig]:
+  """(new tokens, sampling) with the task's default wherever the caller passed None."""
+  d = DEFAULTS[kind]
+  if max_new_tokens is None and d.max_new_tokens is not None:
+    spm = isinstance(vocab, seqio.SentencePieceVocabulary)
+    max_new_tokens = d.max_new_tokens // (SPM_BYTES_PER_TOKEN if spm else 1)
+  if max_new_tokens is not None and max_new_tokens < 1:
+    raise InferenceError(f"INFER_MAX_NEW_TOKENS must be >= 1, got {max_new_tokens}")
+  if eos_id is None and d.stop_at_eos:
+    eos_id = vocab.eos_id
+  return max_new_tokens, decoding.SamplingConfig(
+      temperature=d.temperature if temperature is None else temperature, top_k=top_k,
+      top_p=d.top_p if top_p is None else top_p, eos_id=eos_id)
+
+
 def _sample_batch(model: PerceiverARModel, params: Any, prompts: Sequence[Prompt],
-                  max_length: int, rng: jax.Array, cfg: decoding.SamplingConfig
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """The one call into the decoder: (tokens [batch, max_length], log-probs [batch, max_length])."""
+                  new_tokens: np.ndarray, rng: jax.Array, cfg: decoding.SamplingConfig
+                  ) -> decoding.DecodeResult:
+  """The one call into the decoder; tokens [batch, 1, width] = prompt then samples."""
   lengths = np.asarray([len(p.tokens) for p in prompts], np.int32)
   padded = np.zeros((len(prompts), max(int(lengths.max()), 1)), np.int32)
   for row, p in enumerate(prompts):
     padded[row, :len(p.tokens)] = p.tokens
-  return decoding.sample(model, params, padded, lengths, max_length, rng, cfg)
+  return decoding.decode(model, params, padded, lengths, new_tokens, rng, cfg)
 
 
 def generate(model: PerceiverARModel, params: Any, prompts: Sequence[Prompt], *,
-             max_length: int, batch_size: int, rng: jax.Array,
+             max_new_tokens: int | None, total_length: int, batch_size: int, rng: jax.Array,
              cfg: decoding.SamplingConfig = decoding.SamplingConfig()
              ) -> Iterator[tuple[Prompt, np.ndarray, float]]:
-  """Yields (prompt, continuation ids, summed log-prob of the continuation) per prompt."""
-  for p in prompts:
-    if len(p.tokens) >= max_length:
-      raise InferenceError(f"a prompt has {len(p.tokens)} tokens; max_length is {max_length} "
-                           f"(raise INFER_MAX_LENGTH or shorten the prompt)")
+  """Yields (prompt, continuation ids, summed log-prob of the continuation) per prompt.
+
+  Each prompt gets `max_new_tokens` new tokens, or (None) up to `total_length` in all.
+  The continuation stops before the first EOS when cfg.eos_id is set.
+  """
+  new = [max_new_tokens if max_new_tokens is not None else total_length - len(p.tokens)
+         for p in prompts]
+  for p, n in zip(prompts, new, strict=True):
+    if n < 1:
+      raise InferenceError(f"a prompt has {len(p.tokens)} tokens, no room for new ones in "
+                           f"{total_length} (set INFER_MAX_NEW_TOKENS or shorten the prompt)")
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
-    tokens, logprobs = _sample_batch(model, params, chunk, max_length,
-                                     jax.random.fold_in(rng, start), cfg)
+    out = _sample_batch(model, params, chunk, np.asarray(new[start:start + batch_size]),
+                        jax.random.fold_in(rng, start), cfg)
     for row, p in enumerate(chunk):
-      cont = tokens[row, len(p.tokens):]
-      nonzero = np.nonzero(cont)[0]
-      cont = cont[:nonzero[-1] + 1] if len(nonzero) else cont[:0]
-      yield p, cont, float(logprobs[row, len(p.tokens):].sum())
-
-
-def midi_writer(task_name: str, vocab: seqio.Vocabulary) -> Any:
-  """A function (ids, path) writing a .mid file, for MIDI tasks; None otherwise."""
-  if hasattr(vocab, "decode_to_file"):
-    return vocab.decode_to_file
-  if "midi" in task_name or "maestro" in task_name:
-    from perceiver_ar_t5x.tasks import midi
-    return lambda ids, path: midi.events_to_midi(np.asarray(ids), path)
-  return None
+      end = int(out.lengths[row, 0])
+      cont, logprobs = out.tokens[row, 0, len(p.tokens):end], out.log_probs[row, 0]
+      score = float(logprobs[len(p.tokens):end].sum())
+      if cfg.eos_id is not None and cfg.eos_id in cont.tolist():
+        cont = cont[:cont.tolist().index(cfg.eos_id)]
+      yield p, cont.astype(np.int32), score
 
 
 def write_predictions(path: str, records: Sequence[dict[str, Any]]) -> None:
@@ -151,8 +202,8 @@ def sample_from_split(model: PerceiverARModel, params: Any, cfg: datasets.Datase
   """Greedy-continues the first example's prefix; returns prompt/target/prediction text."""
   length = datasets.model_length(cfg.task_feature_lengths)
   prompt = next(prompts_from_split(cfg, None, 1, model.num_latents))
-  _, cont, _ = next(generate(model, params, [prompt], max_length=length, batch_size=1,
-                             rng=jax.random.key(seed)))
+  _, cont, _ = next(generate(model, params, [prompt], max_new_tokens=None, total_length=length,
+                             batch_size=1, rng=jax.random.key(seed)))
   vocab = datasets.get_task(cfg.mixture_or_task_name).output_features["targets"].vocabulary
 
   def text(ids: np.ndarray) -> str:
@@ -162,47 +213,61 @@ def sample_from_split(model: PerceiverARModel, params: Any, cfg: datasets.Datase
   return {"prompt": text(prompt.tokens), "target": text(prompt.targets), "prediction": text(cont)}
 
 
+def _prompts(dataset_cfg: datasets.DatasetConfig, vocab: seqio.Vocabulary,
+             prompt_file: str | None, prompt_length: int | None, max_examples: int | None,
+             num_latents: int) -> tuple[list[Prompt], str]:
+  """(prompts, source name for the output file)."""
+  if prompt_file:
+    prompts = prompts_from_file(prompt_file, vocab)
+    prompts = prompts[:max_examples] if max_examples else prompts
+    return prompts, os.path.basename(prompt_file).rsplit(".", 1)[0]
+  task, split = dataset_cfg.mixture_or_task_name, dataset_cfg.split
+  prompts = list(prompts_from_split(dataset_cfg, prompt_length, max_examples, num_latents))
+  files.SKIPPED.summarize(task, split)  # a pass that stopped early says what it skipped
+  if not prompts:
+    raise InferenceError(f"no prompts from {task}-{split}")
+  return prompts, f"{task}-{split}"
+
+
 def infer(*, model: PerceiverARModel, checkpoint_path: str, output_dir: str,
           dataset_cfg: datasets.DatasetConfig, prompt_file: str | None = None,
-          prompt_length: int | None = None, max_length: int | None = None,
-          max_examples: int | None = 16, seed: int = 0,
-          sampling_cfg: decoding.SamplingConfig = decoding.SamplingConfig(),
+          prompt_length: int | None = None, max_new_tokens: int | None = None,
+          max_examples: int | None = 16, seed: int = 0, temperature: float | None = None,
+          top_k: int = 0, top_p: float | None = None, eos_id: int | None = None,
           partitioning_cfg: pt.PartitioningConfig = pt.PartitioningConfig()) -> str:
   """Samples continuations and writes `<output_dir>/<source>-<step>.jsonl`; returns its path.
 
-  Prompts come from `prompt_file` when given, else from `dataset_cfg`'s split
-  (the first `prompt_length` tokens; default: see prompts_from_split). Each line
-  has `inputs`, `prediction`, `score` (summed log-prob), and `targets` for split
-  prompts; MIDI tasks also get a `.mid` file per line (`midi` field).
+  Prompts come from `prompt_file` when given, else from `dataset_cfg`'s split (the
+  first `prompt_length` tokens; default: see prompts_from_split). None for
+  max_new_tokens / temperature / top_p / eos_id takes the task's default (DEFAULTS).
+  Each line has `inputs` (the prompt), `prediction` (the continuation only), `score`
+  (its summed log-prob), `targets` for split prompts; MIDI tasks also get the
+  continuation and the prompt as .mid + piano-roll .png (write_sample's fields).
+  Every process samples; only process 0 writes (multi-host: the outputs of one).
   """
-  max_length = max_length or datasets.model_length(dataset_cfg.task_feature_lengths)
-  vocab = datasets.get_task(dataset_cfg.mixture_or_task_name).output_features["targets"].vocabulary
-  params, step, _ = checkpoints.load_params(model, checkpoint_path, max_length, partitioning_cfg)
-  if prompt_file:
-    prompts, source = prompts_from_file(prompt_file, vocab), os.path.basename(prompt_file)
-    prompts = prompts[:max_examples] if max_examples else prompts
-  else:
-    prompts = list(prompts_from_split(dataset_cfg, prompt_length, max_examples,
-                                      model.num_latents))
-    source = f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}"
-  if not prompts:
-    raise InferenceError(f"no prompts from {source}")
-  source = source.rsplit(".", 1)[0] if prompt_file else source
+  task = dataset_cfg.mixture_or_task_name
+  vocab = datasets.get_task(task).output_features["targets"].vocabulary
+  kind = task_kind(task, vocab)
+  max_new_tokens, sampling = resolve_defaults(
+      kind, vocab, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+      top_p=top_p, eos_id=eos_id)
+  length = datasets.model_length(dataset_cfg.task_feature_lengths)
+  params, step, _ = checkpoints.load_params(model, checkpoint_path, length, partitioning_cfg)
+  prompts, source = _prompts(dataset_cfg, vocab, prompt_file, prompt_length, max_examples,
+                             model.num_latents)
   stem = os.path.join(output_dir, f"{source}-{step}")
-  to_midi = midi_writer(dataset_cfg.mixture_or_task_name, vocab)
   records = []
   for i, (p, cont, score) in enumerate(generate(
-      model, params, prompts, max_length=max_length, batch_size=dataset_cfg.batch_size,
-      rng=jax.random.key(seed), cfg=sampling_cfg)):
+      model, params, prompts, max_new_tokens=max_new_tokens, total_length=length,
+      batch_size=dataset_cfg.batch_size, rng=jax.random.key(seed), cfg=sampling)):
     record = {"inputs": decode_text(vocab, p.tokens), "prediction": decode_text(vocab, cont),
               "score": score}
     if p.targets is not None:
       record["targets"] = decode_text(vocab, p.targets)
-    if to_midi is not None:
+    if kind is TaskKind.MIDI and jax.process_index() == 0:
       fileio.gfile.makedirs(output_dir)
-      fileio.write_via_local(f"{stem}-{i}.mid",
-                             functools.partial(to_midi, np.concatenate([p.tokens, cont])))
-      record["midi"] = os.path.basename(f"{stem}-{i}.mid")
+      record.update(midi_outputs.write_sample(f"{stem}-{i}", p.tokens, cont))
     records.append(record)
-  write_predictions(stem + ".jsonl", records)
+  if jax.process_index() == 0:
+    write_predictions(stem + ".jsonl", records)
   return stem + ".jsonl"

@@ -1,8 +1,9 @@
 """The infer binary on tiny.gin checkpoints, and the prompt/jsonl/MIDI plumbing."""
 
 import json
+import pathlib
+import shutil
 
-import numpy as np
 import pytest
 import seqio
 
@@ -40,11 +41,11 @@ def test_infer_from_a_prompt_file_with_sampling(trained, tmp_path):
   out = tmp_path / "out"
   proc = binaries.run("infer", f"--gin.CHECKPOINT_PATH='{trained}/checkpoints/2'",
                       f"--gin.INFER_OUTPUT_DIR='{out}'", f"--gin.PROMPT_FILE='{prompts}'",
-                      "--gin.TEMPERATURE=1.0", "--gin.TOP_K=5", "--gin.INFER_MAX_LENGTH=12")
+                      "--gin.TEMPERATURE=1.0", "--gin.TOP_K=5", "--gin.INFER_MAX_NEW_TOKENS=4")
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(x) for x in (out / "prompts-2.jsonl").read_text().splitlines()]
   assert [r["inputs"] for r in records] == [[5, 6, 7], [9, 10, 11, 12, 13]]
-  assert len(records[0]["prediction"]) <= 9 and len(records[1]["prediction"]) <= 7
+  assert all(len(r["prediction"]) <= 4 for r in records)  # new tokens; the prompt is apart
   assert all(r["score"] < 0.0 for r in records)
 
 
@@ -69,16 +70,114 @@ def test_prompt_files(tmp_path):
   assert inference.decode_text(ids, [3, 4, 0]) == [3, 4]
 
 
-def test_midi_tasks_get_a_midi_writer(tmp_path):
+def test_task_defaults_sample_midi_and_text_and_count_new_tokens():
+  from perceiver_ar_t5x.tasks import vocabularies
+  midi_vocab, byte = vocabularies.midi_vocabulary(), seqio.ByteVocabulary()
+  kind = inference.task_kind("maestro_midi", midi_vocab)
+  assert kind is inference.TaskKind.MIDI
+  assert inference.task_kind("text_bytes", byte) is inference.TaskKind.TEXT
+  assert inference.task_kind("copy_mirrored", seqio.PassThroughVocabulary(32)) is (
+      inference.TaskKind.TOKENS)
+  new, cfg = inference.resolve_defaults(kind, midi_vocab, max_new_tokens=None,
+                                        temperature=None, top_k=0, top_p=None, eos_id=None)
+  assert new == 1500 and (cfg.temperature, cfg.top_p, cfg.eos_id) == (1.0, 0.95, 1)
+  new, cfg = inference.resolve_defaults(inference.TaskKind.TEXT, byte, max_new_tokens=None,
+                                        temperature=0.0, top_k=0, top_p=None, eos_id=None)
+  assert new == 400 and cfg.temperature == 0.0  # greedy stays available
+  new, cfg = inference.resolve_defaults(inference.TaskKind.TOKENS, byte, max_new_tokens=None,
+                                        temperature=None, top_k=0, top_p=None, eos_id=None)
+  assert new is None and cfg == inference.decoding.SamplingConfig()
+  with pytest.raises(inference.InferenceError, match="INFER_MAX_NEW_TOKENS must be >= 1"):
+    inference.resolve_defaults(kind, midi_vocab, max_new_tokens=0, temperature=None,
+                               top_k=0, top_p=None, eos_id=None)
+
+
+def _run_gin(gin_file: str, *bindings: str) -> None:
+  """Trains `gin_file` in this process, as the train binary would (gin cleared after)."""
+  import sys
+
+  import gin
+  from perceiver_ar_t5x import gin_utils, trainer
+  from tests.conftest import REPO
+  gin.clear_config()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
+    try:
+      gin_utils.parse_gin([gin_file], list(bindings), [str(REPO / "gin")])
+      gin.get_configurable(trainer.train)(handle_signals=False, sample_at_end=False)
+    finally:
+      gin.clear_config()
+
+
+@pytest.mark.slow
+def test_infer_on_a_midi_task_writes_prompt_and_continuation_apart(tmp_path):
+  """jsonl: prompt and continuation apart; .mid + piano-roll .png for each, the prompt's
+  notes equal to its events', the continuation at most INFER_MAX_NEW_TOKENS events."""
   import pretty_midi
 
   from perceiver_ar_t5x.tasks import midi
-  vocab = seqio.PassThroughVocabulary(midi.VOCAB.size, eos_id=midi.EOS_ID)
-  assert inference.midi_writer("copy_mirrored", vocab) is None
-  write = inference.midi_writer("maestro_midi", vocab)
-  events = [midi.VOCAB.encode(midi.EventType.NOTE_ON, 60),
-            midi.VOCAB.encode(midi.EventType.TIME_SHIFT, 50),
-            midi.VOCAB.encode(midi.EventType.NOTE_OFF, 60)]
-  write(np.asarray(events), str(tmp_path / "x.mid"))
-  notes = pretty_midi.PrettyMIDI(str(tmp_path / "x.mid")).instruments[0].notes
-  assert [(n.pitch, round(n.end - n.start, 2)) for n in notes] == [(60, 0.5)]
+  data = tmp_path / "maestro"
+  golden = pathlib.Path(__file__).parent / "golden" / "midi"
+  rows = ["split,midi_filename"] + [f"validation,{n}.midi" for n in ("chords", "pedal")]
+  data.mkdir()
+  for name in ("chords", "pedal", "random_0"):
+    shutil.copy(golden / f"{name}.mid", data / f"{name}.midi")
+  (data / "m.csv").write_text("\n".join([*rows, "train,random_0.midi"]) + "\n")
+  model = tmp_path / "model"
+  _run_gin("gin/runs/maestro_cpu.gin", f"MODEL_DIR = '{model}'", f"MAESTRO_DIR = '{data}'",
+           "TRAIN_STEPS = 2", "CHECKPOINT_PERIOD = 2")
+  out = tmp_path / "out"
+  proc = binaries.run("infer", f"--gin.CHECKPOINT_PATH='{model}'",
+                      f"--gin.INFER_OUTPUT_DIR='{out}'", f"--gin.MAESTRO_DIR='{data}'",
+                      "--gin.INFER_MAX_NEW_TOKENS=40", gin_files=("gin/runs/maestro_cpu.gin",))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(x) for x in (out / "maestro_midi-validation-2.jsonl").read_text()
+             .splitlines()]
+  assert len(records) == 2
+  for i, r in enumerate(records):
+    assert len(r["prediction"]) <= 40 and len(r["inputs"]) == 64 - 16  # all but the latents
+    assert r["midi"] == f"maestro_midi-validation-2-{i}.mid"
+    assert r["prompt_midi"] == f"maestro_midi-validation-2-{i}-prompt.mid"
+    for key in ("piano_roll", "prompt_piano_roll"):
+      assert (out / r[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    prompt = pretty_midi.PrettyMIDI(str(out / r["prompt_midi"]))
+    got = sorted((round(n.start, 2), n.pitch) for i in prompt.instruments for n in i.notes)
+    want = sorted((round(n.start, 2), n.pitch) for n in midi.events_to_notes(r["inputs"]))
+    assert got == want and got
+    pretty_midi.PrettyMIDI(str(out / r["midi"]))  # a readable file (maybe without notes)
+
+
+@pytest.mark.slow
+def test_infer_on_two_processes_writes_the_outputs_of_one_from_process_zero(trained, tmp_path):
+  """Every process samples (the params are sharded over both); only process 0 writes.
+
+  Each process gets its own INFER_OUTPUT_DIR here, so a write by process 1 would show.
+  """
+  import os
+  import subprocess
+
+  from tests.conftest import REPO, binary_env
+  from tests.test_multihost import free_port
+  args = (f"--gin.CHECKPOINT_PATH='{trained}'", "--gin.INFER_MAX_EXAMPLES=3",
+          "--gin.INFER_BATCH_SIZE=4")
+  single = binaries.run("infer", *args, f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'one'}'")
+  assert single.returncode == 0, single.stderr[-3000:]
+  env = {**binary_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  address = f"127.0.0.1:{free_port()}"
+  procs = [subprocess.Popen(
+      binaries.command("infer", *args, f"--gin.INFER_OUTPUT_DIR='{tmp_path / str(i)}'",
+                       f"--coordinator_address={address}", "--process_count=2",
+                       f"--process_index={i}"),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for i, proc in enumerate(procs):
+    try:
+      _, err = proc.communicate(timeout=300)
+    finally:
+      if proc.poll() is None:
+        os.kill(proc.pid, 9)
+    assert proc.returncode == 0, f"process {i}:\n{err[-3000:]}"
+  name = "copy_mirrored-validation-2.jsonl"
+  assert (tmp_path / "0" / name).read_text() == (tmp_path / "one" / name).read_text()
+  assert not (tmp_path / "1").exists()

@@ -3,11 +3,9 @@
 The events are those of Oore et al. 2018 ("This Time with Feeling"), used by Music
 Transformer (Huang et al. 2018) and Perceiver AR (Hawthorne et al. 2022): NOTE_ON/NOTE_OFF
 per pitch, TIME_SHIFT in 10 ms steps up to 1 s, and a VELOCITY bin that holds until changed.
-Ids 0/1 stay PAD/EOS so SeqIO's conventions apply unchanged; ids 2.. are note_seq's
-388 one-hot classes in note_seq's order, and the events are note_seq's performance
-encoding token for token (pedal as in `sustain.py`, quantisation and event order as in
-`Performance`; tests/golden/note_seq_events.json). Notes are `Note(start, end, pitch,
-velocity)` in seconds; all non-drum instruments are merged (drum notes are dropped).
+Ids 0/1 are PAD/EOS (SeqIO's); ids 2.. are note_seq's 388 classes, and the events equal
+note_seq's performance encoding token for token (tests/golden/note_seq_events.json).
+Notes are `Note(start, end, pitch, velocity)` in seconds; non-drum instruments merge.
 """
 
 from __future__ import annotations
@@ -146,12 +144,10 @@ def _check_note(n: Note, vocab: EventVocab) -> None:
 def notes_to_events(notes: Sequence[Note], *, vocab: EventVocab = VOCAB) -> np.ndarray:
     """Notes -> int32 ids [num_events], from t=0 (leading silence is kept), without EOS.
 
-    note_seq's Performance, rule for rule: times snap half-up to 10 ms steps and notes
-    last at least one step; notes are ranked by (start seconds, pitch), stably in the
-    given order; within a step events follow that rank, a note's NOTE_OFF after its own
-    rank's NOTE_ONs (in effect: all NOTE_OFFs, then NOTE_ONs in onset order). VELOCITY
-    comes before a NOTE_ON whose bin differs from the last one. Gaps over 1 s become
-    several TIME_SHIFTs.
+    note_seq's Performance, rule for rule: times snap half-up to 10 ms steps, notes last
+    >= 1 step; notes rank by (start seconds, pitch), stably; within a step events follow
+    that rank (in effect all NOTE_OFFs, then NOTE_ONs in onset order). VELOCITY precedes a
+    NOTE_ON whose bin differs from the last one. Gaps over 1 s take several TIME_SHIFTs.
     """
     ranked = sorted((Note(*n) for n in notes), key=lambda n: (n.start, n.pitch))
     points = []  # (step, rank, is_off): note_seq's sort key
@@ -209,29 +205,33 @@ def events_to_notes(events: Tokens, *, vocab: EventVocab = VOCAB,
     return sorted(notes, key=lambda n: (n.start, n.pitch, n.end))
 
 
-def events_to_midi(events: Tokens, path: str | os.PathLike | None = None, *,
-                   vocab: EventVocab = VOCAB, program: int = 0,
-                   stop_at_eos: bool = True) -> pretty_midi.PrettyMIDI:
-    """Ids up to EOS -> PrettyMIDI (program 0 = grand piano), written to path if given.
+def notes_to_midi(notes: Sequence[Note], path: str | os.PathLike | None = None, *,
+                  program: int = 0) -> pretty_midi.PrettyMIDI:
+    """Notes -> PrettyMIDI (program 0 = grand piano), written to a local path if given.
 
-    A MIDI note-off ends every sounding note of its key, so a note that starts while
-    another of its pitch still sounds goes to a second (third, ...) instrument on its own
-    channel: the file then plays and reads back as the events say (round trip exact).
+    A MIDI note-off ends every sounding note of its key, so a note starting while one of
+    its pitch sounds goes to another instrument (channel): it reads back as the events say.
     """
     pm, busy = pretty_midi.PrettyMIDI(), []  # per instrument: pitch -> end of its last note
-    for start, end, pitch, velocity in events_to_notes(events, vocab=vocab,
-                                                       stop_at_eos=stop_at_eos):
+    for start, end, pitch, velocity in sorted(notes, key=lambda n: (n[0], n[2], n[1])):
         voice = next((i for i, b in enumerate(busy) if b.get(pitch, -1.0) <= start), len(busy))
         if voice == len(busy):
             busy.append({})
             pm.instruments.append(pretty_midi.Instrument(program=program))
         busy[voice][pitch] = end
         pm.instruments[voice].notes.append(pretty_midi.Note(velocity, pitch, start, end))
-    if not pm.instruments:
-        pm.instruments.append(pretty_midi.Instrument(program=program))
+    pm.instruments = pm.instruments or [pretty_midi.Instrument(program=program)]
     if path is not None:
         pm.write(os.fspath(path))
     return pm
+
+
+def events_to_midi(events: Tokens, path: str | os.PathLike | None = None, *,
+                   vocab: EventVocab = VOCAB, program: int = 0,
+                   stop_at_eos: bool = True) -> pretty_midi.PrettyMIDI:
+    """Ids up to EOS -> PrettyMIDI via notes_to_midi (a sample's tail after EOS is no music)."""
+    return notes_to_midi(events_to_notes(events, vocab=vocab, stop_at_eos=stop_at_eos), path,
+                         program=program)
 
 
 def transpose(events: Tokens, semitones: int, *, vocab: EventVocab = VOCAB) -> np.ndarray:
