@@ -13,12 +13,31 @@ Packing short documents is seqio.LMFeatureConverter(pack=True) (DatasetConfig.pa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import seqio
 import tensorflow as tf
 
 Features = dict[str, tf.Tensor]
+CROP_MARK = "_perceiver_ar_crop_step"
+
+
+def crop_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Marks a preprocessor as a crop: whole-document evaluation (documents.py) drops it.
+
+  A mark on the function, not a name match, so a renamed or new crop stays known.
+  """
+  setattr(fn, CROP_MARK, True)
+  return fn
+
+
+def is_crop_step(step: Callable[..., Any]) -> bool:
+  """Whether a task preprocessor (possibly a functools.partial of one) is a crop step."""
+  while isinstance(step, functools.partial):
+    step = step.func
+  return bool(getattr(step, CROP_MARK, False))
 
 
 def crop_tokens(tokens: tf.Tensor, length: int, seed: tf.Tensor) -> tf.Tensor:
@@ -42,6 +61,7 @@ def crop_text(text: tf.Tensor, max_len: int, seed: tf.Tensor, unit: str = "BYTE"
   return tf.strings.substr(text, start, max_len, unit=unit), start + max_len >= size
 
 
+@crop_step
 @seqio.map_over_dataset(num_seeds=1)
 def random_crop_text(ex: Mapping[str, tf.Tensor], sequence_length: Mapping[str, int], *,
                      units_per_token: int, unit: str = "BYTE", seed: tf.Tensor) -> Features:
@@ -65,6 +85,7 @@ def append_eos(ex: Mapping[str, tf.Tensor], output_features: Mapping[str, seqio.
   return {**ex, "targets": tf.cond(at_end, lambda: with_eos, lambda: ex["targets"])}
 
 
+@crop_step
 @seqio.map_over_dataset(num_seeds=1)
 def random_crop(ex: Mapping[str, tf.Tensor], sequence_length: Mapping[str, int], *,
                 seed: tf.Tensor) -> Features:
@@ -72,6 +93,7 @@ def random_crop(ex: Mapping[str, tf.Tensor], sequence_length: Mapping[str, int],
   return {**ex, "targets": crop_tokens(ex["targets"], int(sequence_length["targets"]), seed)}
 
 
+@crop_step
 @seqio.map_over_dataset(num_seeds=1)
 def random_prefix_length(ex: Mapping[str, tf.Tensor], *, min_length: int,
                          seed: tf.Tensor) -> Features:
