@@ -115,3 +115,28 @@ def test_bad_inputs_are_rejected():
     decoding.prepare(PROMPTS, LENGTHS, -1)
   with pytest.raises(ValueError, match="shorter"):
     decoding.prepare(PROMPTS, LENGTHS, 20, length=16)
+
+
+def test_infer_generate_counts_new_tokens_after_each_prompt_and_stops_before_eos(
+    model_and_params):
+  """INFER_MAX_NEW_TOKENS: every prompt, short or long, gets that many new tokens (the old
+  max_length counted the prompt: a 7-token prompt got 3 of 10); EOS ends the prediction."""
+  from perceiver_ar_t5x import inference
+  model, params = model_and_params
+  prompts = [inference.Prompt(PROMPTS[0]), inference.Prompt(PROMPTS[1, :2])]
+  out = list(inference.generate(model, params, prompts, max_new_tokens=5, total_length=10,
+                                batch_size=2, rng=jax.random.key(0)))
+  free = decoding.decode(model, params, PROMPTS, LENGTHS, 5, jax.random.key(0))
+  for b, (prompt, cont, score) in enumerate(out):
+    n = LENGTHS[b]
+    np.testing.assert_array_equal(cont, free.tokens[b, 0, n:n + 5])
+    assert score == pytest.approx(float(free.log_probs[b, 0, n:n + 5].sum()), abs=1e-5)
+  eos = int(out[0][1][2])
+  cut = list(inference.generate(model, params, prompts, max_new_tokens=5, total_length=10,
+                                batch_size=2, rng=jax.random.key(0),
+                                cfg=decoding.SamplingConfig(eos_id=eos)))
+  first = out[0][1].tolist().index(eos)
+  assert cut[0][1].tolist() == out[0][1][:first].tolist() and eos not in cut[0][1].tolist()
+  filled = list(inference.generate(model, params, prompts, max_new_tokens=None,
+                                   total_length=10, batch_size=2, rng=jax.random.key(0)))
+  assert [len(c) for _, c, _ in filled] == [3, 8]  # None: up to total_length in all
