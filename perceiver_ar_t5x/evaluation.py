@@ -1,43 +1,44 @@
-"""Evaluation over a finite split: summed metrics -> loss, accuracy, perplexity, bits.
+"""Evaluation of a checkpoint on a task split: summed metrics -> loss, accuracy, bits.
 
 Two scoring modes (ScoringMode):
-  LAST_LATENTS: the latents sit on each example's last `num_latents` positions and
-    only those are scored: exactly what training sees (with CroppingMethod.NONE),
-    one forward pass a batch.
-  FULL_SEQUENCE: every target token is scored exactly once. The latent window
-    slides over the sequence with a stride s <= num_latents: the first window
-    scores positions [0, n); each later window ends s positions further and
-    scores only its last s positions, whose latents have the most context
-    (layer 0 always sees the whole prefix; the latent stack sees the n - s
-    positions before them too). Smaller strides cost more passes and score
-    better; s = n is non-overlapping windows.
+  WHOLE_SPLIT (default): every loss-weighted token of every document of the split,
+    each exactly once with up to `context` tokens of left context, sliding the latent
+    window by EVAL_STRIDE (whole_split.py). Documents come from the task without its
+    crop steps (documents.py). Totals are token- and byte-weighted over the split.
+  LAST_LATENTS: the task's examples as training sees them (one crop per document),
+    scoring each example's last `num_latents` tokens: one forward pass a batch.
+
+Multi-host: every process enumerates the same windows or examples and feeds its block
+of rows of each global batch, so N processes give exactly the sums of one; only
+process 0 writes the JSON and TensorBoard files.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
 from clu import metric_writers
 
-from perceiver_ar_t5x import checkpoints, datasets, fileio, models, slicing, training
+from perceiver_ar_t5x import checkpoints, datasets, documents, fileio, models, slicing, training
 from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x import whole_split
 
 Batch = Mapping[str, np.ndarray]
 EvalStep = Callable[[Any, Batch], Mapping[str, Any]]
 
 
 class ScoringMode(enum.Enum):
+  WHOLE_SPLIT = "whole_split"
   LAST_LATENTS = "last_latents"
-  FULL_SEQUENCE = "full_sequence"
 
 
 def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch],
@@ -71,62 +72,9 @@ def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch],
   return summary
 
 
-def window_plan(length: int, num_latents: int, stride: int) -> list[tuple[int, int]]:
-  """[(latent window start, first scored position)] covering [0, length) exactly once."""
-  n = slicing.num_latent_positions(num_latents, length)
-  if not 1 <= stride <= n:
-    raise ValueError(f"stride must be in [1, num_latents={n}], got {stride}")
-  plan, end = [(0, 0)], n
-  while end < length:
-    new_end = min(end + stride, length)
-    plan.append((new_end - n, end))
-    end = new_end
-  return plan
-
-
-def make_strided_step(model: models.PerceiverARModel, part: training.Partitioned,
-                      stride: int | None = None) -> EvalStep:
-  """eval_step(params, batch) -> summed metrics over every target (FULL_SEQUENCE mode).
-
-  Stride defaults to num_latents (non-overlapping windows).
-  """
-  def window_sums(params: Any, batch: Batch, start: jax.Array, first: jax.Array
-                  ) -> dict[str, jax.Array]:
-    length = batch["decoder_target_tokens"].shape[-1]
-    n = slicing.num_latent_positions(model.num_latents, length)
-    starts = jnp.full(batch["decoder_target_tokens"].shape[:1], start, jnp.int32)
-    logits = model.logits(params, batch, starts)  # [batch, n, vocab]
-    targets = slicing.window(batch["decoder_target_tokens"], starts, n)
-    weights = slicing.window(batch["decoder_loss_weights"].astype(jnp.float32), starts, n)
-    weights = weights * (start + jnp.arange(n) >= first)[None, :]
-    ce_sum, z_sum, nll = models.cross_entropy(logits, targets, weights,
-                                              label_smoothing=model.label_smoothing,
-                                              z_loss=model.z_loss)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {"loss_sum": ce_sum + z_sum, "nll_sum": jnp.sum(nll * weights), "z_loss_sum": z_sum,
-            "correct_sum": jnp.sum(correct * weights), "weight_sum": jnp.sum(weights)}
-
-  replicated = pt.replicated(part.mesh)
-  jitted = jax.jit(window_sums, in_shardings=(part.state_sharding.params, part.batch_sharding,
-                                              replicated, replicated), out_shardings=replicated)
-
-  def run(params: Any, batch: Batch) -> dict[str, Any]:
-    length = batch["decoder_target_tokens"].shape[-1]
-    totals: dict[str, Any] = {}
-    with part.context():
-      for start, first in window_plan(length, model.num_latents, stride or model.num_latents):
-        sums = jitted(params, batch, np.int32(start), np.int32(first))
-        totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-    return totals
-
-  return run
-
-
-def scored_mask(batch: Batch, mode: ScoringMode, num_latents: int) -> np.ndarray:
-  """[batch, length] bool: the target positions `mode` scores (host-side, for byte counts)."""
+def scored_mask(batch: Batch, num_latents: int) -> np.ndarray:
+  """[batch, length] bool: the target positions LAST_LATENTS scores (for byte counts)."""
   weights = np.asarray(batch["decoder_loss_weights"]) > 0
-  if mode == ScoringMode.FULL_SEQUENCE:
-    return weights
   targets = np.asarray(batch["decoder_target_tokens"])
   length = targets.shape[-1]
   n = slicing.num_latent_positions(num_latents, length)
@@ -140,22 +88,19 @@ def scored_mask(batch: Batch, mode: ScoringMode, num_latents: int) -> np.ndarray
   return weights & (pos >= starts) & (pos < starts + n)
 
 
-def byte_counter(vocab: seqio.Vocabulary, mode: ScoringMode, num_latents: int
-                 ) -> Callable[[Batch], int] | None:
-  """batch -> UTF-8 bytes of the scored targets, for text vocabularies (byte, SPM).
+def byte_counter(vocab: seqio.Vocabulary, num_latents: int) -> Callable[[Batch], int] | None:
+  """batch -> UTF-8 bytes of the LAST_LATENTS-scored targets (byte and SPM vocabularies).
 
-  Byte vocabularies: one byte per scored byte token (exact). Other text
-  vocabularies: for each run of scored positions [a, b), the bytes of
-  decode(ids[:b]) minus those of decode(ids[:a]), so a piece's leading space and
-  a window starting mid-word are counted as in the whole text. None for
-  vocabularies that do not decode to text (pass-through ids, MIDI events).
+  Byte vocabularies: one byte per scored byte token. Other text vocabularies: for
+  each run of scored positions [a, b), bytes of decode(ids[:b]) minus those of
+  decode(ids[:a]). None for vocabularies that do not decode to text.
   """
   if isinstance(vocab, seqio.ByteVocabulary):
     offset = getattr(vocab, "_num_special_tokens", 3)
 
     def count_bytes(batch: Batch) -> int:
       ids = np.asarray(batch["decoder_target_tokens"])
-      mask = scored_mask(batch, mode, num_latents)
+      mask = scored_mask(batch, num_latents)
       return int(np.sum(mask & (ids >= offset) & (ids < offset + 256)))
 
     return count_bytes
@@ -168,7 +113,7 @@ def byte_counter(vocab: seqio.Vocabulary, mode: ScoringMode, num_latents: int
   def count_text(batch: Batch) -> int:
     total = 0
     for ids, keep in zip(np.asarray(batch["decoder_target_tokens"]),
-                         scored_mask(batch, mode, num_latents)):
+                         scored_mask(batch, num_latents)):
       edges = np.diff(np.concatenate([[0], keep.astype(np.int8), [0]]))
       for a, b in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]):
         total += size(ids[:b]) - size(ids[:a])
@@ -186,9 +131,80 @@ def pad_batch(batch: Batch, batch_size: int) -> dict[str, np.ndarray]:
           for k, v in batch.items()}
 
 
+def process_rows(batch: Batch, layout: pt.DataLayout) -> dict[str, np.ndarray]:
+  """This process's block of rows of a global batch (every process saw the same batch)."""
+  rows = next(iter(batch.values())).shape[0] // layout.num_shards
+  lo = layout.shard_index * rows
+  return {k: np.asarray(v)[lo:lo + rows] for k, v in batch.items()}
+
+
+def last_latents(*, model: models.PerceiverARModel, part: training.Partitioned, params: Any,
+                 dataset_cfg: datasets.DatasetConfig, max_batches: int | None = None,
+                 vocab: seqio.Vocabulary | None = None) -> dict[str, float]:
+  """LAST_LATENTS over the split's examples; each process feeds its rows of each batch."""
+  layout = pt.data_layout(part.mesh)
+  ds = datasets.get_dataset(dataset_cfg, repeat=False)  # the whole split on every process
+  batches = itertools.islice(datasets.numpy_batches(ds), max_batches)
+  count = byte_counter(vocab, model.num_latents) if vocab is not None else None
+  num_bytes = 0
+
+  def rows() -> Iterator[dict[str, np.ndarray]]:
+    nonlocal num_bytes
+    for batch in batches:
+      batch = pad_batch(batch, dataset_cfg.batch_size)
+      num_bytes += count(batch) if count else 0  # of the global batch: once per split
+      yield process_rows(batch, layout)
+
+  summary = evaluate(training.make_eval_step(model, part), params, rows())
+  if num_bytes:
+    nll_sum = summary["cross_ent_loss"] * summary["num_tokens"]
+    summary.update(num_bytes=float(num_bytes), bytes_per_token=num_bytes / summary["num_tokens"],
+                   bits_per_byte=nll_sum / math.log(2.0) / num_bytes)
+  return summary
+
+
+def whole_split_metrics(*, params: Any, scorer: whole_split.Scorer,
+                        vocab: seqio.Vocabulary) -> dict[str, float]:
+  """WHOLE_SPLIT totals of a scorer's documents, with bytes for text vocabularies."""
+  sums = scorer(params)
+  count = documents.byte_counter(vocab)
+  num_bytes = sum(count(doc) for doc in scorer.docs) if count else None
+  return whole_split.summarize(sums, num_documents=len(scorer.docs), num_bytes=num_bytes,
+                               first_bucket=scorer.first_bucket)
+
+
+def make_scorer(*, model: models.PerceiverARModel, part: training.Partitioned,
+                dataset_cfg: datasets.DatasetConfig, stride: int | None = None,
+                max_documents: int | None = None, max_tokens: int | None = None,
+                max_batches: int | None = None) -> whole_split.Scorer:
+  """Loads the split's documents (capped) and plans their windows."""
+  docs = documents.load_documents(
+      dataset_cfg.mixture_or_task_name, dataset_cfg.split, dataset_cfg.task_feature_lengths,
+      max_documents=max_documents, max_tokens=max_tokens)
+  return whole_split.Scorer(model=model, part=part, docs=docs,
+                            context=datasets.model_length(dataset_cfg.task_feature_lengths),
+                            batch_size=dataset_cfg.batch_size, stride=stride,
+                            max_batches=max_batches)
+
+
+def write_results(summary: Mapping[str, float], *, output_dir: str, name: str, step: int,
+                  prefix: str, extra: Mapping[str, Any]) -> str:
+  """TensorBoard scalars `<prefix>/<metric>` and `<name>.json`; process 0 only writes."""
+  path = os.path.join(output_dir, f"{name}.json")
+  if jax.process_index() > 0:
+    return path
+  fileio.gfile.makedirs(output_dir)
+  writer = metric_writers.create_default_writer(output_dir)
+  writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in summary.items()})
+  writer.close()
+  fileio.write_atomic(path, json.dumps({**extra, **summary}, indent=1, sort_keys=True))
+  return path
+
+
 def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets.DatasetConfig,
                         checkpoint_path: str, output_dir: str | None = None,
-                        mode: ScoringMode = ScoringMode.LAST_LATENTS, stride: int | None = None,
+                        mode: ScoringMode = ScoringMode.WHOLE_SPLIT, stride: int | None = None,
+                        max_documents: int | None = None, max_tokens: int | None = None,
                         max_batches: int | None = None,
                         partitioning_cfg: pt.PartitioningConfig = pt.PartitioningConfig()
                         ) -> tuple[dict[str, float], str]:
@@ -203,24 +219,23 @@ def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets
     raise ValueError(f"TASK_FEATURE_LENGTHS {dict(dataset_cfg.task_feature_lengths)} gives "
                      f"{length} tokens, fewer than num_latents={model.num_latents}")
   vocab = datasets.get_task(dataset_cfg.mixture_or_task_name).output_features["targets"].vocabulary
+  if mode == ScoringMode.WHOLE_SPLIT:
+    stride = stride or model.num_latents
+    whole_split.window_ends(np.ones([1]), model.num_latents, stride)  # bad stride: fail early
   params, step, part = checkpoints.load_params(model, checkpoint_path, length, partitioning_cfg)
-  if mode == ScoringMode.FULL_SEQUENCE:
-    eval_step = make_strided_step(model, part, stride)
+  if mode == ScoringMode.WHOLE_SPLIT:
+    scorer = make_scorer(model=model, part=part, dataset_cfg=dataset_cfg, stride=stride,
+                         max_documents=max_documents, max_tokens=max_tokens,
+                         max_batches=max_batches)
+    summary = whole_split_metrics(params=params, scorer=scorer, vocab=vocab)
   else:
-    eval_step = training.make_eval_step(model, part)
-  ds = datasets.get_dataset(dataset_cfg, repeat=False)
-  batches = (pad_batch(b, dataset_cfg.batch_size) for b in datasets.numpy_batches(ds))
-  summary = evaluate(eval_step, params, batches, max_batches,
-                     byte_count=byte_counter(vocab, mode, model.num_latents))
+    summary = last_latents(model=model, part=part, params=params, dataset_cfg=dataset_cfg,
+                           max_batches=max_batches, vocab=vocab)
   summary["step"] = float(step)
   output_dir = output_dir or os.path.join(checkpoints.resolve_path(checkpoint_path)[0], "eval")
-  fileio.gfile.makedirs(output_dir)
-  writer = metric_writers.create_default_writer(output_dir, just_logging=jax.process_index() > 0)
-  writer.write_scalars(step, {f"{mode.value}/{k}": v for k, v in summary.items()})
-  writer.close()
-  name = f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}-{mode.value}-{step}.json"
-  path = os.path.join(output_dir, name)
-  fileio.write_atomic(path, json.dumps(
-      {"checkpoint": checkpoint_path, "mode": mode.value, "stride": stride, **summary},
-      indent=1, sort_keys=True))
+  name = f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}-{mode.value}-{step}"
+  path = write_results(summary, output_dir=output_dir, name=name, step=step, prefix=mode.value,
+                       extra={"checkpoint": checkpoint_path, "mode": mode.value,
+                              "stride": stride, "max_documents": max_documents,
+                              "max_tokens": max_tokens, "max_batches": max_batches})
   return summary, path
