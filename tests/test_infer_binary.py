@@ -181,3 +181,37 @@ def test_infer_on_two_processes_writes_the_outputs_of_one_from_process_zero(trai
   name = "copy_mirrored-validation-2.jsonl"
   assert (tmp_path / "0" / name).read_text() == (tmp_path / "one" / name).read_text()
   assert not (tmp_path / "1").exists()
+
+
+def test_prompt_file_and_midi_outputs_go_through_gfile(tmp_path, monkeypatch):
+  """gs:// prompt files and output dirs (ram:// here): nothing lands on the local disk."""
+  import os
+  import uuid
+
+  from perceiver_ar_t5x import fileio
+  from perceiver_ar_t5x.tasks import midi, midi_outputs
+  monkeypatch.chdir(tmp_path)
+  root = f"ram://infer-{uuid.uuid4().hex[:8]}"
+  fileio.write_text(f"{root}/p.jsonl", '{"inputs": [3, 4]}\n')
+  prompts = inference.prompts_from_file(f"{root}/p.jsonl", seqio.PassThroughVocabulary(32))
+  assert [p.tokens.tolist() for p in prompts] == [[3, 4]]
+  events = midi.midi_file_to_events(pathlib.Path(__file__).parent / "golden" / "midi" /
+                                    "chords.mid")
+  fileio.gfile.makedirs(f"{root}/out")
+  fields = midi_outputs.write_sample(f"{root}/out/s-0", events[:60], events[60:])
+  assert fields == {"midi": "s-0.mid", "piano_roll": "s-0.png",
+                    "prompt_midi": "s-0-prompt.mid", "prompt_piano_roll": "s-0-prompt.png"}
+  assert sorted(fileio.gfile.listdir(f"{root}/out")) == sorted(fields.values())
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_midi_sample_splits_into_prompt_and_continuation():
+  from perceiver_ar_t5x.tasks import midi, midi_outputs
+  V, E = midi.VOCAB, midi.EventType
+  prompt = [V.encode(E.VELOCITY, 20), V.encode(E.NOTE_ON, 60), V.encode(E.TIME_SHIFT, 50)]
+  cont = [V.encode(E.NOTE_OFF, 60), V.encode(E.NOTE_ON, 62), V.encode(E.TIME_SHIFT, 10),
+          V.encode(E.NOTE_OFF, 62), midi.EOS_ID, V.encode(E.NOTE_ON, 7)]
+  before, after = midi_outputs.split_sample(prompt, cont)
+  assert before == [midi.Note(0.0, 0.5, 60, V.bin_to_velocity(20))]  # ends at the cut
+  # from t=0, in the prompt's velocity; nothing after EOS (the pitch-7 note) is music
+  assert after == [midi.Note(0.0, 0.1, 62, V.bin_to_velocity(20))]

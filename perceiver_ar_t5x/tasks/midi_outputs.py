@@ -16,15 +16,15 @@ from perceiver_ar_t5x import fileio
 from perceiver_ar_t5x.tasks import midi
 
 
-def _duration_s(events: midi.Tokens, vocab: midi.EventVocab) -> float:
-  """Seconds the events span (their TIME_SHIFTs, up to EOS)."""
+def _steps(events: midi.Tokens, vocab: midi.EventVocab) -> int:
+  """Time steps the events span (their TIME_SHIFTs, up to EOS)."""
   steps = 0
   for token in np.asarray(events, np.int64).tolist():
     if token == midi.EOS_ID:
       break
     event = vocab.decode(token)
     steps += event[1] if event and event[0] is midi.EventType.TIME_SHIFT else 0
-  return steps * vocab.step_s
+  return steps
 
 
 def split_sample(prompt: midi.Tokens, continuation: midi.Tokens, *,
@@ -36,12 +36,15 @@ def split_sample(prompt: midi.Tokens, continuation: midi.Tokens, *,
   (prompt notes still sounding at the cut end there).
   """
   prompt, continuation = np.asarray(prompt, np.int64), np.asarray(continuation, np.int64)
-  cut = _duration_s(prompt, vocab)
+  cut = _steps(prompt, vocab)
   if midi.EOS_ID in prompt.tolist():
     return midi.events_to_notes(prompt, vocab=vocab, stop_at_eos=True), []
   full = midi.events_to_notes(np.concatenate([prompt, continuation]), vocab=vocab,
                               stop_at_eos=True)
-  later = [n._replace(start=n.start - cut, end=n.end - cut) for n in full if n.start >= cut]
+  steps = [(round(n.start / vocab.step_s) - cut, round(n.end / vocab.step_s) - cut, n)
+           for n in full]  # whole steps: times stay exact multiples of 10 ms
+  later = [n._replace(start=a * vocab.step_s, end=b * vocab.step_s)
+           for a, b, n in steps if a >= 0]
   return midi.events_to_notes(prompt, vocab=vocab), later
 
 
