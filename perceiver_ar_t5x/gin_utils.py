@@ -26,6 +26,9 @@ flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() (TPU
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host off TPU).")
 flags.DEFINE_integer("process_count", None, "Number of processes (multi-host off TPU).")
 flags.DEFINE_integer("process_index", None, "This process's index (multi-host off TPU).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Multi-host: a process that sends no "
+                     "heartbeat for this long counts as dead and every other process exits "
+                     "non-zero (jax.distributed heartbeat timeout; JAX's default).", lower_bound=1)
 flags.DEFINE_bool("library_logs", False, "Show INFO logs of libraries (orbax, seqio, clu, jax); "
                   "by default only this package's INFO lines and everyone's warnings show.")
 
@@ -152,17 +155,30 @@ class ConfigError(ValueError):
   """A configuration mistake, reported as one line."""
 
 
-def init_multiprocess() -> None:
-  """jax.distributed.initialize from flags (or TPU auto-detection)."""
+def init_multiprocess(binary: str = "train") -> None:
+  """jax.distributed.initialize from flags (or TPU auto-detection), then the peer watchdog.
+
+  A process that dies ends the others with one `binary: error: PeerFailure: ...` line
+  within --heartbeat_timeout_seconds (half of it: before JAX's own timeout aborts them).
+  """
   if not FLAGS.multiprocess and FLAGS.coordinator_address is None:
     return
   import jax
+
+  from perceiver_ar_t5x import multihost
   kwargs = {}
   if FLAGS.coordinator_address is not None:
     kwargs = dict(coordinator_address=FLAGS.coordinator_address,
                   num_processes=FLAGS.process_count, process_id=FLAGS.process_index)
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
   logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+  def die(message: str) -> None:  # from the watchdog thread: the main thread may be stuck
+    sys.stderr.write(f"{binary}: error: PeerFailure: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+  multihost.PeerWatchdog(timeout_s=FLAGS.heartbeat_timeout_seconds / 2, on_failure=die).start()
 
 
 def _one_line(e: BaseException) -> str:
@@ -203,5 +219,5 @@ def configured(binary: str, argv: Sequence[str]) -> Iterator[None]:
   setup_logging()
   with one_line_errors(binary):
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    init_multiprocess()
+    init_multiprocess(binary)
     yield
