@@ -21,6 +21,7 @@ import seqio
 
 from perceiver_ar_t5x import checkpoints, datasets, decoding, fileio, slicing
 from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.models import PerceiverARModel
 from perceiver_ar_t5x.tasks import files, midi_outputs
 
@@ -175,10 +176,15 @@ def generate(model: PerceiverARModel, params: Any, prompts: Sequence[Prompt], *,
   """
   new = [max_new_tokens if max_new_tokens is not None else total_length - len(p.tokens)
          for p in prompts]
+  module = model.module  # a learned position table has no rows past max_length
+  limit = module.max_length if module.position_encoding is PositionEncoding.LEARNED else None
   for p, n in zip(prompts, new, strict=True):
     if n < 1:
       raise InferenceError(f"a prompt has {len(p.tokens)} tokens, no room for new ones in "
                            f"{total_length} (set INFER_MAX_NEW_TOKENS or shorten the prompt)")
+    if limit is not None and len(p.tokens) + n > limit:
+      raise InferenceError(f"prompt ({len(p.tokens)}) + new tokens ({n}) exceed the {limit} "
+                           f"learned positions (lower INFER_MAX_NEW_TOKENS)")
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     out = _sample_batch(model, params, chunk, np.asarray(new[start:start + batch_size]),

@@ -140,3 +140,16 @@ def test_infer_generate_counts_new_tokens_after_each_prompt_and_stops_before_eos
   filled = list(inference.generate(model, params, prompts, max_new_tokens=None,
                                    total_length=10, batch_size=2, rng=jax.random.key(0)))
   assert [len(c) for _, c, _ in filled] == [3, 8]  # None: up to total_length in all
+
+
+def test_infer_refuses_more_tokens_than_learned_positions():
+  from perceiver_ar_t5x import inference
+  from perceiver_ar_t5x.layers.embedding import PositionEncoding
+  from perceiver_ar_t5x.perceiver_ar import PerceiverAR
+  module = PerceiverAR(vocab_size=13, num_latents=4, embed_dim=12, num_heads=3, head_dim=8,
+                       mlp_dim=20, num_layers=1, max_length=12,
+                       position_encoding=PositionEncoding.LEARNED)
+  prompt = inference.Prompt(np.arange(3, 10, dtype=np.int32))  # 7 tokens + 6 new > 12 rows
+  with pytest.raises(inference.InferenceError, match="exceed the 12 learned positions"):
+    list(inference.generate(PerceiverARModel(module), None, [prompt], max_new_tokens=6,
+                            total_length=10, batch_size=1, rng=jax.random.key(0)))
