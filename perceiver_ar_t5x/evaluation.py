@@ -163,14 +163,10 @@ def last_latents(*, model: models.PerceiverARModel, part: training.Partitioned, 
   return summary
 
 
-def whole_split_metrics(*, params: Any, scorer: whole_split.Scorer,
-                        vocab: seqio.Vocabulary) -> dict[str, float]:
-  """WHOLE_SPLIT totals of a scorer's documents, with bytes for text vocabularies."""
-  sums = scorer(params)
-  count = documents.byte_counter(vocab)
-  num_bytes = sum(count(doc) for doc in scorer.docs) if count else None
-  return whole_split.summarize(sums, num_documents=len(scorer.docs), num_bytes=num_bytes,
-                               first_bucket=scorer.first_bucket)
+def whole_split_metrics(*, params: Any, scorer: whole_split.Scorer) -> dict[str, float]:
+  """WHOLE_SPLIT totals of a scorer's documents (bytes for text vocabularies)."""
+  return whole_split.summarize(scorer(params), num_documents=len(scorer.docs),
+                               num_bytes=scorer.num_bytes, first_bucket=scorer.first_bucket)
 
 
 def make_scorer(*, model: models.PerceiverARModel, part: training.Partitioned,
@@ -178,13 +174,14 @@ def make_scorer(*, model: models.PerceiverARModel, part: training.Partitioned,
                 max_documents: int | None = None, max_tokens: int | None = None,
                 max_batches: int | None = None) -> whole_split.Scorer:
   """Loads the split's documents (capped) and plans their windows."""
+  vocab = datasets.get_task(dataset_cfg.mixture_or_task_name).output_features["targets"].vocabulary
   docs = documents.load_documents(
       dataset_cfg.mixture_or_task_name, dataset_cfg.split, dataset_cfg.task_feature_lengths,
       max_documents=max_documents, max_tokens=max_tokens)
   return whole_split.Scorer(model=model, part=part, docs=docs,
                             context=datasets.model_length(dataset_cfg.task_feature_lengths),
                             batch_size=dataset_cfg.batch_size, stride=stride,
-                            max_batches=max_batches)
+                            max_batches=max_batches, count_bytes=documents.byte_counter(vocab))
 
 
 def write_results(summary: Mapping[str, float], *, output_dir: str, name: str, step: int,
@@ -227,7 +224,7 @@ def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets
     scorer = make_scorer(model=model, part=part, dataset_cfg=dataset_cfg, stride=stride,
                          max_documents=max_documents, max_tokens=max_tokens,
                          max_batches=max_batches)
-    summary = whole_split_metrics(params=params, scorer=scorer, vocab=vocab)
+    summary = whole_split_metrics(params=params, scorer=scorer)
   else:
     summary = last_latents(model=model, part=part, params=params, dataset_cfg=dataset_cfg,
                            max_batches=max_batches, vocab=vocab)

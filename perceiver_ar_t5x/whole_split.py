@@ -211,6 +211,7 @@ class Scorer:
   def __init__(self, *, model: models.PerceiverARModel, part: training.Partitioned,
                docs: Sequence[Document], context: int, batch_size: int,
                stride: int | None = None, max_batches: int | None = None,
+               count_bytes: Callable[[Document], int] | None = None,
                first_bucket: int = FIRST_BUCKET) -> None:
     self.layout = pt.data_layout(part.mesh)
     if batch_size % self.layout.num_shards:
@@ -224,6 +225,7 @@ class Scorer:
     self.docs, self.windows = list(docs), windows
     self.model, self.part, self.context, self.batch_size = model, part, context, batch_size
     self.first_bucket = first_bucket
+    self.num_bytes = sum(count_bytes(d) for d in self.docs) if count_bytes else None
     longest = max(doc.length for doc in self.docs)
     self.num_buckets = int(position_bucket(np.asarray([longest - 1]), first_bucket)[0]) + 1
     self.step = make_window_step(model, part, self.num_buckets)

@@ -1,18 +1,21 @@
-"""Evaluation: strided full-sequence scoring, byte counts, bits per byte, padding."""
+"""Evaluation: LAST_LATENTS byte counts and sums, row blocks per process, whole-split rows."""
 
 import math
+import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
 
-from perceiver_ar_t5x import checkpoints, evaluation, training
-from perceiver_ar_t5x.evaluation import ScoringMode
-from perceiver_ar_t5x.models import CroppingMethod, PerceiverARModel, cross_entropy
+from perceiver_ar_t5x import checkpoints, documents, evaluation, training, whole_split
+from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.documents import Document
+from perceiver_ar_t5x.models import CroppingMethod, PerceiverARModel
 
 LENGTH = 10  # tiny_module: 4 latents, vocab 13
+SPM = os.path.join(os.path.dirname(seqio.__file__), "test_data", "sentencepiece",
+                   "sentencepiece.model")
 
 
 @pytest.fixture
@@ -30,91 +33,87 @@ def setup(tiny_module):
   return model, part, params, batch
 
 
-def test_window_plan_covers_each_position_once():
-  assert evaluation.window_plan(10, 4, 3) == [(0, 0), (3, 4), (6, 7)]
-  assert evaluation.window_plan(10, 4, 4) == [(0, 0), (4, 4), (6, 8)]
-  assert evaluation.window_plan(4, 4, 2) == [(0, 0)]
-  assert evaluation.window_plan(3, 4, 3) == [(0, 0)]  # shorter than the latents
-  for stride in (1, 2, 3, 4):
-    covered = []
-    for start, first in evaluation.window_plan(11, 4, stride):
-      covered += [p for p in range(start, start + 4) if p >= first]
-    assert covered == list(range(11)), stride
-  with pytest.raises(ValueError, match="stride must be in"):
-    evaluation.window_plan(10, 4, 5)
-
-
-def test_stride_one_scores_each_token_with_its_own_window(setup):
-  """Reference: position p is the last latent of the window [p-3, p] (or in [0, 4))."""
-  model, part, params, batch = setup
-  sums = jax.device_get(evaluation.make_strided_step(model, part, stride=1)(params, batch))
-  nll_sum = 0.0
-  for p in range(LENGTH):
-    start = max(p - 3, 0)
-    logits = model.logits(params, batch, jnp.full((8,), start, jnp.int32))[:, p - start]
-    _, _, nll = cross_entropy(logits[:, None], batch["decoder_target_tokens"][:, p:p + 1],
-                              batch["decoder_loss_weights"][:, p:p + 1])
-    nll_sum += float(jnp.sum(nll[:, 0] * batch["decoder_loss_weights"][:, p]))
-  np.testing.assert_allclose(float(sums["nll_sum"]), nll_sum, rtol=1e-5)
-  assert float(sums["weight_sum"]) == batch["decoder_loss_weights"].sum()
-
-
-@pytest.mark.parametrize("stride", [2, 3, 4])
-def test_every_stride_scores_every_weighted_token_once(setup, stride):
-  model, part, params, batch = setup
-  sums = evaluation.make_strided_step(model, part, stride=stride)(params, batch)
-  assert float(sums["weight_sum"]) == batch["decoder_loss_weights"].sum() == 70.0
-
-
-def test_full_sequence_equals_last_latents_when_length_is_num_latents(setup):
+def test_whole_split_of_examples_no_longer_than_the_latents_is_last_latents(setup):
+  """One window per document ending at its end: the same sums as LAST_LATENTS."""
   model, part, params, batch = setup
   short = {k: v[:, :4] for k, v in batch.items()}
-  short["decoder_target_tokens"] = np.where(short["decoder_target_tokens"] == 0, 5,
-                                            short["decoder_target_tokens"])
-  short["decoder_loss_weights"] = np.ones_like(short["decoder_loss_weights"])
-  full = jax.device_get(evaluation.make_strided_step(model, part)(params, short))
+  docs = [Document(t[:int((w > 0).sum())], w[:int((w > 0).sum())])
+          for t, w in zip(short["decoder_target_tokens"], short["decoder_loss_weights"])]
+  full = whole_split.Scorer(model=model, part=part, docs=docs, context=LENGTH,
+                            batch_size=8)(params)
   last = jax.device_get(training.make_eval_step(model, part)(params, short))
   for key in ("nll_sum", "correct_sum", "weight_sum", "loss_sum"):
-    np.testing.assert_allclose(float(full[key]), float(last[key]), rtol=1e-6)
+    np.testing.assert_allclose(float(full[key]), float(last[key]), rtol=1e-5)
+
+
+def test_window_rows_are_right_padded_contexts():
+  doc = Document(np.arange(2, 22, dtype=np.int32), np.ones(20, np.float32))
+  row = whole_split.window_row(doc, whole_split.Window(0, 12, 14), context=10, num_latents=4)
+  np.testing.assert_array_equal(row["decoder_target_tokens"], np.arange(6, 16))  # [4, 14)
+  np.testing.assert_array_equal(row["decoder_input_tokens"], np.arange(5, 15))
+  assert int(row["latent_starts"]) == 6  # latents [10, 14) of the document
+  np.testing.assert_array_equal(row["decoder_loss_weights"], [0] * 8 + [1, 1])
+  first = whole_split.window_row(doc, whole_split.Window(0, 0, 3), context=10, num_latents=4)
+  np.testing.assert_array_equal(first["decoder_input_tokens"], [0, 2, 3] + [0] * 7)
+  assert int(first["latent_starts"]) == 0 and first["decoder_loss_weights"].sum() == 3
+
+
+def test_process_rows_split_every_global_batch_into_blocks():
+  docs = [Document(np.arange(2, 2 + n, dtype=np.int32), np.ones(n, np.float32))
+          for n in (3, 9, 5)]
+  windows = whole_split.plan_windows(docs, 4, 2)  # 1 + 4 + 2 windows
+  assert len(windows) == 7
+  one = list(whole_split.process_batches(docs, windows, context=6, num_latents=4,
+                                         batch_size=4, layout=pt.DataLayout(0, 1)))
+  halves = [list(whole_split.process_batches(docs, windows, context=6, num_latents=4,
+                                             batch_size=4, layout=pt.DataLayout(i, 2)))
+            for i in range(2)]
+  assert len(one) == 2 and one[1]["decoder_loss_weights"][3:].sum() == 0  # padded row
+  for b, batch in enumerate(one):
+    for key, value in batch.items():
+      np.testing.assert_array_equal(np.concatenate([halves[0][b][key], halves[1][b][key]]),
+                                    value)
+  blocks = evaluation.process_rows(one[0], pt.DataLayout(1, 2))
+  np.testing.assert_array_equal(blocks["latent_starts"], one[0]["latent_starts"][2:])
 
 
 def test_scored_mask_last_latents_is_each_examples_window(setup):
   _, _, _, batch = setup
-  mask = evaluation.scored_mask(batch, ScoringMode.LAST_LATENTS, 4)
+  mask = evaluation.scored_mask(batch, 4)
   np.testing.assert_array_equal(mask[0], [0] * 6 + [1] * 4)
   np.testing.assert_array_equal(mask[1], [0, 0, 0, 1, 1, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(mask[5], [1, 1, 1] + [0] * 7)
-  full = evaluation.scored_mask(batch, ScoringMode.FULL_SEQUENCE, 4)
-  np.testing.assert_array_equal(full, batch["decoder_loss_weights"] > 0)
 
 
-def test_byte_counter_counts_utf8_bytes_of_scored_tokens():
+def test_byte_counters_count_utf8_bytes():
   vocab = seqio.ByteVocabulary()
   text = "héllo wörld"  # 11 characters, 13 bytes
   ids = np.asarray([vocab.encode(text)], np.int32)
   batch = {"decoder_target_tokens": ids, "decoder_loss_weights": np.ones_like(ids, np.float32)}
-  assert evaluation.byte_counter(vocab, ScoringMode.FULL_SEQUENCE, 4)(batch) == 13
-  assert evaluation.byte_counter(vocab, ScoringMode.LAST_LATENTS, 4)(batch) == 4
-  assert evaluation.byte_counter(seqio.PassThroughVocabulary(32), ScoringMode.FULL_SEQUENCE,
-                                 4) is None
+  assert evaluation.byte_counter(vocab, 4)(batch) == 4
+  assert evaluation.byte_counter(seqio.PassThroughVocabulary(32), 4) is None
+  doc = Document(np.asarray(vocab.encode(text) + [vocab.eos_id], np.int32), np.ones(14))
+  assert documents.byte_counter(vocab)(doc) == 13
+  assert documents.byte_counter(seqio.PassThroughVocabulary(32)) is None
+
+
+def test_document_bytes_for_sentencepiece_are_the_texts():
+  vocab = seqio.SentencePieceVocabulary(SPM)
+  text = "the quick brown fox jumps over the lazy dog"
+  ids = vocab.encode(text)
+  doc = Document(np.asarray(ids + [vocab.eos_id], np.int32), np.ones(len(ids) + 1))
+  assert documents.byte_counter(vocab)(doc) == len(vocab.decode(ids).encode("utf-8"))
 
 
 def test_byte_counter_for_sentencepiece_adds_up_to_the_text():
-  import os
-  path = os.path.join(os.path.dirname(seqio.__file__), "test_data", "sentencepiece",
-                      "sentencepiece.model")
-  vocab = seqio.SentencePieceVocabulary(path)
+  vocab = seqio.SentencePieceVocabulary(SPM)
   text = "the quick brown fox jumps over the lazy dog"
   ids = np.asarray([vocab.encode(text)], np.int32)
   weights = np.ones_like(ids, np.float32)
-  count = evaluation.byte_counter(vocab, ScoringMode.FULL_SEQUENCE, 4)
-  total = len(vocab.decode(ids[0].tolist()).encode("utf-8"))  # the tiny model has unk pieces
-  assert count({"decoder_target_tokens": ids, "decoder_loss_weights": weights}) == total
-  halves = weights.copy()
-  halves[0, : ids.shape[1] // 2] = 0  # the second half only ...
-  second = count({"decoder_target_tokens": ids, "decoder_loss_weights": halves})
-  first = count({"decoder_target_tokens": ids, "decoder_loss_weights": 1 - halves})
-  assert 0 < second < total and first + second == total  # ... adds up exactly
+  count = evaluation.byte_counter(vocab, 4)  # the last 4 tokens: the latent window
+  assert count({"decoder_target_tokens": ids, "decoder_loss_weights": weights}) == (
+      len(vocab.decode(ids[0].tolist()).encode("utf-8"))
+      - len(vocab.decode(ids[0, :-4].tolist()).encode("utf-8")))
 
 
 def test_evaluate_reports_bits_per_byte_from_nll_and_bytes():
@@ -126,10 +125,18 @@ def test_evaluate_reports_bits_per_byte_from_nll_and_bytes():
   assert summary["bits_per_token"] == pytest.approx(2.0 / math.log(2))
   assert summary["bytes_per_token"] == pytest.approx(20 / 8)
   assert summary["bits_per_byte"] == pytest.approx(16.0 / math.log(2) / 20)
-  plain = evaluation.evaluate(lambda p, b: sums, None, [{}])  # old positional signature
-  assert "bits_per_byte" not in plain
   with pytest.raises(ValueError, match="empty"):
     evaluation.evaluate(lambda p, b: sums, None, [])
+
+
+def test_summarize_is_token_weighted_over_the_split():
+  sums = {"loss_sum": 9.0, "nll_sum": 8.0, "z_loss_sum": 1.0, "correct_sum": 3.0,
+          "weight_sum": 4.0, "num_windows": 2, "num_buckets": 2,
+          "bucket_nll": np.asarray([6.0, 2.0]), "bucket_count": np.asarray([3.0, 1.0])}
+  summary = whole_split.summarize(sums, num_documents=2, num_bytes=5)
+  assert summary["cross_ent_loss"] == 2.0 and summary["num_documents"] == 2
+  assert summary["bits_per_byte"] == pytest.approx(8.0 / math.log(2) / 5)
+  assert summary["nll_by_position/0-64"] == 2.0 and summary["nll_by_position/64-128"] == 2.0
 
 
 def test_pad_batch_adds_zero_weight_rows():
