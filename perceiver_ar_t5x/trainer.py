@@ -52,9 +52,12 @@ class LoopConfig:
 
   total_steps: int
   eval_period: int = 1000
-  eval_steps: int | None = 20
+  eval_steps: int | None = 20  # eval caps (None = none): batches, documents, tokens
   stats_period: int = 100
   random_seed: int = 0
+  eval_stride: int | None = None  # whole-split eval window stride (None = num_latents)
+  eval_max_documents: int | None = None
+  eval_max_tokens: int | None = None
 
 
 def check_lengths(model: PerceiverARModel, lengths: Mapping[str, int]) -> int:
@@ -143,20 +146,20 @@ class _Loop:
 
 
 def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
-             cfg: datasets.DatasetConfig | None, max_batches: int | None,
+             cfg: datasets.DatasetConfig | None, loop_cfg: LoopConfig,
              writer: metric_writers.MetricWriter) -> Callable[[int, Any], dict[str, float]]:
-  """run_eval(step, params): last-latents eval of `cfg`'s split, logged and written."""
-  eval_step = training.make_eval_step(model, part)
+  """run_eval(step, params): whole-split eval of `cfg`'s split (capped), logged, written."""
+  scorers: list[Any] = []  # documents read and windows planned once: one compile
 
   def run_eval(step: int, params: Any) -> dict[str, float]:
     if cfg is None:
       return {}
-    layout = pt.data_layout(part.mesh)
-    ds = datasets.get_dataset(cfg, repeat=False, shard_index=layout.shard_index,
-                              num_shards=layout.num_shards)
-    rows = cfg.batch_size // layout.num_shards
-    batches = (evaluation.pad_batch(b, rows) for b in datasets.numpy_batches(ds))
-    summary = evaluation.evaluate(eval_step, params, batches, max_batches)
+    if not scorers:
+      scorers.append(evaluation.make_scorer(
+          model=model, part=part, dataset_cfg=cfg, stride=loop_cfg.eval_stride,
+          max_documents=loop_cfg.eval_max_documents, max_tokens=loop_cfg.eval_max_tokens,
+          max_batches=loop_cfg.eval_steps))
+    summary = evaluation.whole_split_metrics(params=params, scorer=scorers[0])
     writer.write_scalars(step, summary)
     writer.flush()
     logging.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
@@ -200,7 +203,7 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
       train_step=training.make_train_step(model, optimizer, schedule, part),
       step_rng=jax.random.fold_in(seed_rng, 1),
       batches=batches,
-      run_eval=_eval_fn(model, part, eval_cfg, loop_cfg.eval_steps, eval_writer),
+      run_eval=_eval_fn(model, part, eval_cfg, loop_cfg, eval_writer),
       writer=metric_writers.create_default_writer(os.path.join(model_dir, "train"),
                                                   just_logging=just_log),
       log=MetricsLog(os.path.join(model_dir, "train", "metrics.jsonl"), start,
