@@ -102,8 +102,8 @@ def config_changes(stored_meta: Mapping[str, Any], current_meta: Mapping[str, An
   """["NUM_HEADS 2 -> 4", ...]: recorded model fields that differ, by macro name when known.
 
   A model field `num_heads` is reported as the gin macro `NUM_HEADS` when both
-  runs recorded that macro (the convention of gin/models/*.gin); with no model
-  field recorded (older checkpoints) the differing macros are listed instead.
+  runs recorded that macro (the convention of gin/models/*.gin); when no model field
+  differs (older checkpoints, an optimizer change) the differing macros are listed.
   """
   old_model, new_model = stored_meta.get("model") or {}, current_meta.get("model") or {}
   old_cfg, new_cfg = stored_meta.get("config") or {}, current_meta.get("config") or {}
@@ -115,7 +115,7 @@ def config_changes(stored_meta: Mapping[str, Any], current_meta: Mapping[str, An
         changes.append(f"{macro} {old_cfg[macro]!r} -> {new_cfg[macro]!r}")
       else:
         changes.append(f"{field} {old_model[field]!r} -> {new!r}")
-  if not old_model:
+  if not changes:  # older checkpoints, or a change outside the model (e.g. the optimizer)
     changes = [f"{k} {old_cfg[k]!r} -> {v!r}" for k, v in new_cfg.items()
                if k in old_cfg and old_cfg[k] != v]
   return changes

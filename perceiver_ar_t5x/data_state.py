@@ -36,6 +36,7 @@ from perceiver_ar_t5x.datasets import DataError
 
 DataState = dict[str, bytes]  # file suffix (".index", ".data-00000-of-00001") -> contents
 ITEM = "data"  # orbax item name inside the step directory
+_PIPELINE = ".pipeline"  # the suffix of the pipeline description saved beside the state
 
 
 def state_name(process_index: int, process_count: int) -> str:
@@ -44,9 +45,15 @@ def state_name(process_index: int, process_count: int) -> str:
 
 
 class TrainBatches(Iterator[dict[str, np.ndarray]]):
-  """Numpy batches of a tf.data pipeline whose position can be saved and restored."""
+  """Numpy batches of a tf.data pipeline whose position can be saved and restored.
 
-  def __init__(self, ds: tf.data.Dataset) -> None:
+  `pipeline` describes how the dataset was built (task, lengths, batch size, shard):
+  a saved state is only restored into the same pipeline, else the consumed batches
+  are replayed (a state of another batch size would hand back stale buffered rows).
+  """
+
+  def __init__(self, ds: tf.data.Dataset, *, pipeline: str = "") -> None:
+    self.pipeline = pipeline
     options = tf.data.Options()
     options.experimental_external_state_policy = (
         tf.data.experimental.ExternalStatePolicy.IGNORE)
@@ -67,16 +74,21 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
   def skip(self, count: int) -> None:
     """The fallback resume: replays `count` batches (time linear in `count`)."""
     for _ in range(count):
-      next(self._iterator)
-    self._yielded += count
+      try:
+        next(self._iterator)
+      except StopIteration:
+        raise DataError(f"the dataset ended after {self._yielded} of the {count} batches "
+                        f"consumed before this checkpoint") from None
+      self._yielded += 1
 
   def save(self) -> DataState:
     """The iterator's state now, as file contents (written to a scratch dir and read back)."""
     scratch = tempfile.mkdtemp(prefix="train_ds-")
     try:
       tf.train.Checkpoint(ds=self._iterator).write(os.path.join(scratch, "s"))
-      return {name[len("s"):]: _read_bytes(os.path.join(scratch, name))
-              for name in sorted(os.listdir(scratch)) if name.startswith("s.")}
+      files = {name[len("s"):]: _read_bytes(os.path.join(scratch, name))
+               for name in sorted(os.listdir(scratch)) if name.startswith("s.")}
+      return {**files, _PIPELINE: self.pipeline.encode()}
     finally:
       shutil.rmtree(scratch, ignore_errors=True)
 
@@ -85,6 +97,8 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
     scratch = tempfile.mkdtemp(prefix="train_ds-")
     try:
       for suffix, blob in state.items():
+        if suffix == _PIPELINE:
+          continue
         with open(os.path.join(scratch, "s" + suffix), "wb") as f:
           f.write(blob)
       tf.train.Checkpoint(ds=self._iterator).read(os.path.join(scratch, "s")).assert_consumed()
@@ -101,13 +115,27 @@ def resume(batches: TrainBatches, state: DataState | None, start: int) -> None:
   """Restores the saved position, or replays `start` batches when there is none."""
   if start == 0:
     return
-  if state:
+  state = state or {}
+  saved_pipeline = state.get(_PIPELINE, b"").decode()
+  if state and saved_pipeline != batches.pipeline:
+    logging.warning("The input pipeline changed since checkpoint %d (%s -> %s): replaying %d "
+                    "batches", start, saved_pipeline, batches.pipeline, start)
+  elif state:
     batches.restore(state)
     logging.info("Restored the input position of step %d (no batches replayed)", start)
     return
-  logging.warning("Checkpoint %d has no input position for this process (older run or "
-                  "another process count): replaying %d batches", start, start)
+  else:
+    logging.warning("Checkpoint %d has no input position for this process (older run or "
+                    "another process count): replaying %d batches", start, start)
   batches.skip(start)
+
+
+def resumed(ds: tf.data.Dataset, pipeline: str, state: DataState | None, start: int
+            ) -> TrainBatches:
+  """TrainBatches of `ds` (described by `pipeline`) at the position of step `start`."""
+  batches = TrainBatches(ds, pipeline=pipeline)
+  resume(batches, state, start)
+  return batches
 
 
 class DataStateHandler(ocp.CheckpointHandler):

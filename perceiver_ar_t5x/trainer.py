@@ -193,8 +193,7 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   layout = pt.data_layout(mesh)  # processes holding the same batch rows read the same data
   ds = datasets.get_dataset(train_cfg, shard_index=layout.shard_index,
                             num_shards=layout.num_shards)
-  batches = data_state.TrainBatches(ds)
-  data_state.resume(batches, position, start)
+  batches = data_state.resumed(ds, f"{train_cfg!r} {layout}", position, start)
   just_log = jax.process_index() > 0
   eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
                                                      just_logging=just_log)

@@ -190,19 +190,20 @@ def test_input_position_is_restored_without_replay(tmp_path, caplog):
   tasks.configure(text_files=env["TEXT_FILES"])
   try:
     cfg = datasets.DatasetConfig("text_bytes", {"targets": 24}, "train", 4, pack=True)
-    batches = data_state.TrainBatches(datasets.get_dataset(cfg))
+    batches = data_state.TrainBatches(datasets.get_dataset(cfg), pipeline="packed 24")
     head = [next(batches) for _ in range(3)]
     ckpt = checkpoints.Checkpointer(str(tmp_path / "m"))
     ckpt.save(3, _state(3), {"step": 3}, data=batches.save())
     ckpt.close()
     want = [next(batches) for _ in range(4)]
     saved = checkpoints.Checkpointer(str(tmp_path / "m"), read_only=True).read_data(3)
-    assert sorted(saved) == [".data-00000-of-00001", ".index"]
+    assert sorted(saved) == [".data-00000-of-00001", ".index", ".pipeline"]
     assert (tmp_path / "m" / "checkpoints" / "3" / "data" / "train_ds-0-of-1.index").exists()
-    for position, replays in ((saved, False), ({}, True)):  # {}: a checkpoint of an older run
-      resumed = data_state.TrainBatches(datasets.get_dataset(cfg))
+    # {}: a checkpoint of an older run; another pipeline description: a changed config
+    for position, pipeline, replays in ((saved, "packed 24", False), ({}, "packed 24", True),
+                                        (saved, "other", True)):
       caplog.clear()
-      data_state.resume(resumed, position, 3)
+      resumed = data_state.resumed(datasets.get_dataset(cfg), pipeline, position, 3)
       assert ("replaying 3 batches" in caplog.text) == replays
       for got, expected in zip([next(resumed) for _ in range(4)], want, strict=True):
         assert got.keys() == expected.keys() and "decoder_segment_ids" in got
