@@ -44,16 +44,16 @@ def model_and_params():
   return model, part, params, jax.jit(model.logits)
 
 
-def reference_nll(logits_fn, params, doc, end_of):
+def reference_nll(logits_fn, params, doc, end_of, context=CONTEXT, latents=LATENTS):
   """[length] per-token NLL, position p scored by the window ending at end_of(p)."""
   nll = np.zeros(doc.length)
   inputs = np.concatenate([[0], doc.tokens[:-1]])
   for p in range(doc.length):
     end = end_of(p)
-    offset = max(0, end - CONTEXT)
-    row = np.zeros([1, CONTEXT], np.int32)
+    offset = max(0, end - context)
+    row = np.zeros([1, context], np.int32)
     row[0, :end - offset] = inputs[offset:end]
-    start = max(end - LATENTS, 0) - offset
+    start = max(end - latents, 0) - offset
     logits = logits_fn(params, {"decoder_input_tokens": jnp.asarray(row)},
                        jnp.asarray([start], jnp.int32))
     log_probs = jax.nn.log_softmax(logits[0, p - offset - start])
@@ -61,12 +61,12 @@ def reference_nll(logits_fn, params, doc, end_of):
   return nll
 
 
-def end_stride_1(length):
-  return lambda p: min(length, LATENTS) if p < LATENTS else p + 1
+def end_stride_1(length, latents=LATENTS):
+  return lambda p: min(length, latents) if p < latents else p + 1
 
 
-def end_stride_latents(length):
-  return lambda p: min(length, LATENTS * (p // LATENTS + 1))
+def end_stride_latents(length, latents=LATENTS):
+  return lambda p: min(length, latents * (p // latents + 1))
 
 
 def test_documents_are_whole_with_eos(corpus):
