@@ -173,3 +173,46 @@ def test_crop_steps_are_marked_and_dropped():
 
 def test_evaluation_module_default_is_whole_split():
   assert evaluation.ScoringMode.WHOLE_SPLIT.value == "whole_split"
+
+
+def test_book_and_midi_tasks_give_whole_documents(tmp_path):
+  """pg19_bytes / pg19_spm (the c4 path: same text task) and maestro_midi, uncropped."""
+  import os
+
+  import pretty_midi
+
+  from perceiver_ar_t5x.tasks import maestro
+  spm = os.path.join(os.path.dirname(seqio.__file__), "test_data", "sentencepiece",
+                     "sentencepiece.model")
+  books = ["a long book. " * 40, "short"]
+  (tmp_path / "pg19" / "validation").mkdir(parents=True)
+  for i, text in enumerate(books):
+    (tmp_path / "pg19" / "validation" / f"{i}.txt").write_text(text)
+  midi_dir = tmp_path / "maestro"
+  midi_dir.mkdir()
+  rows = ["canonical_composer,canonical_title,split,year,midi_filename,audio_filename,duration"]
+  for i in range(2):
+    pm = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    piano.notes = [pretty_midi.Note(70, 40 + i + k % 20, 0.1 * k, 0.1 * k + 0.25)
+                   for k in range(30 + 20 * i)]
+    pm.instruments.append(piano)
+    pm.write(str(midi_dir / f"{i}.midi"))
+    rows.append(f"C,T,validation,2018,{i}.midi,{i}.wav,3")
+  (midi_dir / "maestro-v3.0.0.csv").write_text("\n".join(rows) + "\n")
+  tasks.configure(pg19_dir=str(tmp_path / "pg19"), spm_model=spm, maestro_dir=str(midi_dir))
+  try:
+    lengths = {"targets": 8}
+    byte_docs = documents.load_documents("pg19_bytes", "validation", lengths)
+    spm_docs = documents.load_documents("pg19_spm", "validation", lengths)
+    midi_docs = documents.load_documents("maestro_midi", "validation", lengths)
+  finally:
+    tasks.configure(pg19_dir=None, spm_model=None, maestro_dir=None)
+  vocab = seqio.SentencePieceVocabulary(spm)
+  assert sorted(d.length for d in byte_docs) == sorted(len(b) + 1 for b in books)
+  assert sorted(d.tokens.tolist() for d in spm_docs) == sorted(
+      vocab.encode(b) + [vocab.eos_id] for b in books)
+  expected = [maestro._notes_to_events(maestro._parse_notes(str(midi_dir / f"{i}.midi")), 0,
+                                       1.0).tolist() + [1] for i in range(2)]
+  assert sorted(d.tokens.tolist() for d in midi_docs) == sorted(expected)
+  assert min(d.length for d in midi_docs) > 8 * 8  # far longer than the crop
