@@ -5,13 +5,15 @@ into fixed [batch, context] rows and runs one compiled function over them, so sc
 split should cost about one forward pass per window. This measures, in the same process:
   * eval: `whole_split.Scorer` over synthetic byte documents of mixed lengths (one far
     longer than the context, some shorter than the latents), stride = num_latents, after
-    one untimed call that compiles; scored tokens/s (loss-weighted tokens of the split);
+    one untimed call that compiles; scored tokens/s (loss-weighted tokens of the split),
+    host row building and the final fetch included;
   * forward: the jitted eval loss (`model.loss_fn`, no dropout, no gradient) on random
     [batch, context] rows, i.e. what training runs forward; tokens/s counted as the
     batch x num_latents positions it scores, the same unit as the eval figure.
 With stride = num_latents every window scores at most num_latents tokens, so the ratio
 eval/forward is the fraction of latent rows that carry a scored token (short documents
-and document ends fill fewer) times the host's row-building overhead.
+and document ends fill fewer) times the host's row-building overhead. The two alternate
+for --repeats rounds and the best round of each counts (the machine's load drifts).
 
   .venv/bin/python benchmarks/eval_throughput.py                 # ~2-4 min on 2 CPU cores
   .venv/bin/python benchmarks/eval_throughput.py --context 2048 --latents 512 --tokens 200000
@@ -58,24 +60,26 @@ def make_documents(total: int, context: int, latents: int, seed: int = 0) -> lis
           for n in lengths]
 
 
-def time_eval(model, part, params, docs, args) -> dict[str, float]:
+def eval_runner(model, part, params, docs, args):
+  """(one timed pass -> seconds, info): whole-split scoring; the first call compiles."""
   scorer = whole_split.Scorer(model=model, part=part, docs=docs, context=args.context,
                               batch_size=args.batch, stride=args.stride or args.latents)
   t0 = time.perf_counter()
-  scorer(params)  # compile + first pass
-  compile_s = time.perf_counter() - t0
-  best = float("inf")
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    sums = scorer(params)
-    best = min(best, time.perf_counter() - t0)
-  tokens = float(sums["weight_sum"])
-  return {"scored_tokens": tokens, "windows": len(scorer.windows), "seconds": best,
-          "tokens_per_s": tokens / best, "first_call_s": compile_s,
+  sums = scorer(params)  # compile + first pass
+  info = {"scored_tokens": float(sums["weight_sum"]), "windows": len(scorer.windows),
+          "first_call_s": time.perf_counter() - t0,
           "batches": -(-len(scorer.windows) // args.batch)}
 
+  def once() -> float:
+    t0 = time.perf_counter()
+    scorer(params)  # returns host numpy: waits for the device
+    return time.perf_counter() - t0
 
-def time_forward(model, part, params, args, batches: int) -> dict[str, float]:
+  return once, info
+
+
+def forward_runner(model, part, params, args, batches: int):
+  """(one timed pass -> seconds, info): `batches` jitted eval-loss forwards of [batch, context]."""
   rng = np.random.default_rng(1)
   step = training.make_eval_step(model, part)
   tokens = rng.integers(3, 259, (args.batch, args.context)).astype(np.int32)
@@ -83,16 +87,23 @@ def time_forward(model, part, params, args, batches: int) -> dict[str, float]:
            "decoder_input_tokens": np.pad(tokens[:, :-1], [(0, 0), (1, 0)]),
            "decoder_loss_weights": np.ones(tokens.shape, np.float32)}
   jax.block_until_ready(step(params, batch))  # compile
-  best = float("inf")
-  for _ in range(args.repeats):
+
+  def once() -> float:
     t0 = time.perf_counter()
-    outs = [step(params, batch) for _ in range(batches)]
-    jax.block_until_ready(outs)
-    best = min(best, time.perf_counter() - t0)
-  scored = batches * args.batch * args.latents
-  return {"batches": batches, "seconds": best, "scored_positions": scored,
-          "tokens_per_s": scored / best,
-          "input_tokens_per_s": batches * args.batch * args.context / best}
+    jax.block_until_ready([step(params, batch) for _ in range(batches)])
+    return time.perf_counter() - t0
+
+  return once, {"batches": batches, "scored_positions": batches * args.batch * args.latents,
+                "input_tokens": batches * args.batch * args.context}
+
+
+def interleaved(eval_once, forward_once, rounds: int) -> tuple[list[float], list[float]]:
+  """Alternates the two (the machine's load drifts); every round's seconds of each."""
+  evals, forwards = [], []
+  for _ in range(rounds):
+    evals.append(eval_once())
+    forwards.append(forward_once())
+  return evals, forwards
 
 
 def main() -> None:
@@ -104,7 +115,7 @@ def main() -> None:
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--tokens", type=int, default=40000, help="tokens in the split")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best)")
   parser.add_argument("--out", type=pathlib.Path,
                       default=REPO / "benchmarks" / "results" / "eval_throughput.json")
   args = parser.parse_args()
@@ -113,8 +124,14 @@ def main() -> None:
   params = jax.device_put(model.init(jax.random.key(0), args.context),
                           part.state_sharding.params)
   docs = make_documents(args.tokens, args.context, args.latents)
-  evaluation = time_eval(model, part, params, docs, args)
-  forward = time_forward(model, part, params, args, int(evaluation["batches"]))
+  eval_once, evaluation = eval_runner(model, part, params, docs, args)
+  forward_once, forward = forward_runner(model, part, params, args, evaluation["batches"])
+  eval_s, forward_s = interleaved(eval_once, forward_once, args.repeats)
+  evaluation.update(round_seconds=eval_s, seconds=min(eval_s),
+                    tokens_per_s=evaluation["scored_tokens"] / min(eval_s))
+  forward.update(round_seconds=forward_s, seconds=min(forward_s),
+                 tokens_per_s=forward["scored_positions"] / min(forward_s),
+                 input_tokens_per_s=forward["input_tokens"] / min(forward_s))
   record = {"config": vars(args) | {"out": str(args.out)}, "documents": len(docs),
             "eval": evaluation, "forward": forward,
             "eval_over_forward": evaluation["tokens_per_s"] / forward["tokens_per_s"],
