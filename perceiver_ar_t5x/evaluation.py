@@ -28,9 +28,17 @@ import numpy as np
 import seqio
 from clu import metric_writers
 
-from perceiver_ar_t5x import checkpoints, datasets, documents, fileio, models, slicing, training
+from perceiver_ar_t5x import (
+  checkpoints,
+  datasets,
+  documents,
+  fileio,
+  models,
+  slicing,
+  training,
+  whole_split,
+)
 from perceiver_ar_t5x import partitioning as pt
-from perceiver_ar_t5x import whole_split
 
 Batch = Mapping[str, np.ndarray]
 EvalStep = Callable[[Any, Batch], Mapping[str, Any]]

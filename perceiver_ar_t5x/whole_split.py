@@ -110,7 +110,11 @@ def empty_row(context: int) -> dict[str, np.ndarray]:
 def process_batches(docs: Sequence[Document], windows: Sequence[Window], *, context: int,
                     num_latents: int, batch_size: int, layout: pt.DataLayout,
                     first_bucket: int = FIRST_BUCKET) -> Iterator[Batch]:
-  """This process's rows of each global batch of windows (the last batch zero-padded)."""
+  """This process's rows of each global batch of windows (the last batch zero-padded).
+
+  Yields {decoder_*_tokens, decoder_loss_weights, position_buckets: [rows, context],
+  latent_starts: [rows]} with rows = batch_size / num_shards.
+  """
   rows = batch_size // layout.num_shards
   for start in range(0, len(windows), batch_size):
     lo = start + layout.shard_index * rows
