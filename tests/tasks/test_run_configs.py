@@ -49,6 +49,18 @@ def test_paper_sized_configs(parse, spm_path, name, length, latents, millions):
   assert training.param_count(shapes) / 1e6 == pytest.approx(millions, rel=0.02)
 
 
+
+@pytest.mark.parametrize("name, params", [("text_bytes_small.gin", 4_856_064),
+                                          ("maestro_small.gin", 4_923_136)])
+def test_small_configs_that_learn(parse, name, params):
+  """The `*_small.gin` runs README reports: 1024 context, 256 latents, packed rows."""
+  model, cfg = parse(name)
+  assert dict(cfg.task_feature_lengths) == {"targets": 1024} and cfg.pack
+  assert model.num_latents == 256 and model.module.max_length == 1024
+  shapes = jax.eval_shape(lambda r: model.init(r, 1024), jax.random.key(0))
+  assert training.param_count(shapes) == params
+
+
 def _loss_on_first_batch(model, cfg):
   batch = next(datasets.numpy_batches(datasets.get_dataset(cfg)))
   length = batch["decoder_target_tokens"].shape[1]
