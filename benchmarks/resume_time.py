@@ -100,10 +100,10 @@ def position_only(step: int, saved_dir: pathlib.Path, data_env: dict[str, str],
   state = checkpoints.Checkpointer(str(saved_dir), read_only=True).read_data(step)
   next(data_state.TrainBatches(datasets.get_dataset(cfg)))  # warm-up: TF, task registry
 
+  pipeline = state[".pipeline"].decode()  # as the trainer described it: restore, not replay
+
   def restored() -> None:
-    batches = data_state.TrainBatches(datasets.get_dataset(cfg))
-    data_state.resume(batches, state, step)
-    next(batches)
+    next(data_state.resumed(datasets.get_dataset(cfg), pipeline, state, step))
 
   def skipped() -> None:
     next(datasets.numpy_batches(datasets.get_dataset(cfg).skip(step)))

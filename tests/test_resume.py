@@ -238,3 +238,20 @@ def test_file_task_resume_restores_the_input_position_bit_identically(tmp_path, 
   assert "Restored checkpoint for step 5" in resumed.stderr, resumed.stderr[-3000:]
   assert "Restored the input position of step 5 (no batches replayed)" in resumed.stderr
   assert metrics_log.read(str(tmp_path / "b" / "train" / "metrics.jsonl")) == expected
+
+
+@pytest.mark.slow
+def test_each_process_saves_and_restores_its_own_input_position(tmp_path):
+  from tests import test_multihost as mh
+  model_dir = tmp_path / "m"
+  mh.train_two_processes(model_dir)  # 6 steps, checkpoints 5 and 6
+  expected = metrics_log.read(str(model_dir / "train" / "metrics.jsonl"))
+  data = model_dir / "checkpoints" / "5" / "data"
+  assert sorted(p.name for p in data.iterdir() if p.name.endswith(".index")) == [
+      "train_ds-0-of-2.index", "train_ds-1-of-2.index"]
+  shutil.rmtree(model_dir / "checkpoints" / "6")  # as if killed before saving step 6
+  results = mh.finish(mh.spawn_two(model_dir, *mh.ARGS), timeout=600)
+  for i, result in enumerate(results):
+    assert result.returncode == 0, f"process {i}:\n{result.stderr[-3000:]}"
+    assert "Restored the input position of step 5 (no batches replayed)" in result.stderr
+  assert metrics_log.read(str(model_dir / "train" / "metrics.jsonl")) == expected
