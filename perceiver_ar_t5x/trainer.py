@@ -182,8 +182,9 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   seed_rng = jax.random.key(loop_cfg.random_seed)
   rules = pt.logical_axis_rules(partitioning_cfg)
   abstract, part = training.state_layout(model, optimizer, length, mesh, rules)
-  logging.info("%d parameters; partitioning:\n%s", training.param_count(abstract.params),
-               "\n".join(pt.describe(mesh, part.params_logical, part.state_sharding.params)))
+  logging.info("%s parameters, %s; per-parameter sharding in %s/model-info.txt",
+               f"{training.param_count(abstract.params):,}",
+               pt.describe(mesh, part.params_logical, part.state_sharding.params)[0], model_dir)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint_cfg)
   meta = checkpoints.model_meta(model, 0, config_values)
   start, state, position = resume.restore_or_init(model, ckpt, abstract, meta, lambda: (
