@@ -34,7 +34,7 @@ NUM_SPECIAL = 2  # our PAD and EOS come before note_seq's 388 event classes
 class _Stub(types.ModuleType):
   """Stands in for note_seq's audio/notebook imports, unused on the MIDI path."""
 
-  def __getattr__(self, name: str) -> "_Stub":
+  def __getattr__(self, name: str) -> _Stub:
     if name.startswith("__"):
       raise AttributeError(name)
     return _Stub(name)

@@ -127,7 +127,7 @@ def test_infer_generate_counts_new_tokens_after_each_prompt_and_stops_before_eos
   out = list(inference.generate(model, params, prompts, max_new_tokens=5, total_length=10,
                                 batch_size=2, rng=jax.random.key(0)))
   free = decoding.decode(model, params, PROMPTS, LENGTHS, 5, jax.random.key(0))
-  for b, (prompt, cont, score) in enumerate(out):
+  for b, (_prompt, cont, score) in enumerate(out):
     n = LENGTHS[b]
     np.testing.assert_array_equal(cont, free.tokens[b, 0, n:n + 5])
     assert score == pytest.approx(float(free.log_probs[b, 0, n:n + 5].sum()), abs=1e-5)

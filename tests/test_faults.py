@@ -130,6 +130,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoints(trained, tmp_path)
 
 
 @pytest.mark.slow
+# through the binary; in process: test_restore_safety's truncated-checkpoint case
+@pytest.mark.extended
 def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path):
   model_dir = tmp_path / "model"
   shutil.copytree(trained, model_dir)

@@ -207,7 +207,8 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill_9", "frozen"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(
+    signal.SIGSTOP, marks=pytest.mark.extended)], ids=["kill_9", "frozen"])
 def test_a_dead_process_ends_the_other_with_one_error_line(tmp_path, sig):
   """kill -9: the survivor's collective fails at once (gloo) or it sees no heartbeat.
 

@@ -241,6 +241,8 @@ def test_file_task_resume_restores_the_input_position_bit_identically(tmp_path, 
 
 
 @pytest.mark.slow
+# 2 x 2 processes; the mechanism is test_input_position_is_restored_without_replay's
+@pytest.mark.extended
 def test_each_process_saves_and_restores_its_own_input_position(tmp_path):
   from tests import test_multihost as mh
   model_dir = tmp_path / "m"
