@@ -176,14 +176,19 @@ def replicate(x: jax.Array, mesh: Mesh) -> jax.Array:
   return jax.jit(lambda y: y, out_shardings=sharding)(x)
 
 
+def mesh_summary(mesh: Mesh) -> str:
+  """One line: the mesh's axes and sizes, devices and processes."""
+  return f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices in {jax.process_count()} " \
+         "process(es)"
+
+
 def describe(mesh: Mesh, params_logical: Any, params_sharding: Any) -> list[str]:
   """The mesh, then one line per parameter: path, logical axes -> mesh axes."""
   is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
   logical = jax.tree_util.tree_flatten_with_path(params_logical, is_leaf=is_spec)[0]
   mesh_specs = jax.tree.leaves(params_sharding,
                                is_leaf=lambda x: isinstance(x, NamedSharding))
-  lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices in "
-           f"{jax.process_count()} process(es)"]
+  lines = [mesh_summary(mesh)]
   for (path, spec), sharding in zip(logical, mesh_specs, strict=True):
     lines.append(f"{jax.tree_util.keystr(path)}: {tuple(spec)} -> {tuple(sharding.spec)}")
   return lines

@@ -184,7 +184,7 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   abstract, part = training.state_layout(model, optimizer, length, mesh, rules)
   logging.info("%s parameters, %s; per-parameter sharding in %s/model-info.txt",
                f"{training.param_count(abstract.params):,}",
-               pt.describe(mesh, part.params_logical, part.state_sharding.params)[0], model_dir)
+               pt.mesh_summary(mesh), model_dir)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint_cfg)
   meta = checkpoints.model_meta(model, 0, config_values)
   start, state, position = resume.restore_or_init(model, ckpt, abstract, meta, lambda: (
