@@ -1,0 +1,1 @@
+"""Importers of foreign checkpoints (T5X/flaxformer, ...) into this package's parameter trees."""
