@@ -98,10 +98,11 @@ def test_stop_flag_catches_both_signals(sig):
       signal.signal(s, handler)
 
 
-def _start(model_dir, *args):
-  cmd = binaries.command("train", f"--gin.MODEL_DIR='{model_dir}'", *binaries.FAST, *args)
-  return subprocess.Popen(cmd, cwd=REPO, env=binary_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+def _start(model_dir, *args, gin_file="gin/tiny.gin", env=None):
+  cmd = binaries.command("train", f"--gin.MODEL_DIR='{model_dir}'", *binaries.FAST, *args,
+                         gin_files=(gin_file,))
+  return subprocess.Popen(cmd, cwd=REPO, env={**binary_env(), **(env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_steps(proc, metrics: str, count: int) -> None:
@@ -110,32 +111,6 @@ def _wait_for_steps(proc, metrics: str, count: int) -> None:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_kill_9_then_resume_gives_the_bit_identical_loss_curve(tmp_path):
-  baseline = binaries.train(tmp_path / "a", "--gin.TRAIN_STEPS=30")
-  assert baseline.returncode == 0, baseline.stderr[-3000:]
-  expected = metrics_log.read(str(tmp_path / "a" / "train" / "metrics.jsonl"))
-  assert [r["step"] for r in expected] == list(range(1, 31))
-
-  metrics = str(tmp_path / "b" / "train" / "metrics.jsonl")
-  proc = _start(tmp_path / "b", "--gin.TRAIN_STEPS=30")
-  _wait_for_steps(proc, metrics, 7)  # past checkpoint 5 ...
-  deadline = time.time() + 300
-  while not (tmp_path / "b" / "checkpoints" / "5").exists():  # ... once orbax finalized it
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
-  proc.kill()
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  resumed = binaries.train(tmp_path / "b", "--gin.TRAIN_STEPS=30")
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  restored = re.search(r"Restored checkpoint for step (\d+)", resumed.stderr)
-  assert restored and 5 <= int(restored.group(1)) < 30, resumed.stderr[-3000:]
-  got = metrics_log.read(metrics)
-  assert [r["step"] for r in got] == list(range(1, 31))
-  assert got == expected  # loss, grad norm, learning rate: every bit
 
 
 @pytest.mark.slow
@@ -215,28 +190,66 @@ def test_input_position_is_restored_without_replay(tmp_path, caplog):
     tasks.configure(text_files=None)
 
 
+def _run_config_baseline(model_dir, gin_file, env, steps):
+  """An uninterrupted run of a gin/runs config, ending as users see it: final eval + sample."""
+  proc = binaries.train(model_dir, f"--gin.TRAIN_STEPS={steps}",
+                        "--gin.train_script.train.sample_at_end=True",
+                        gin_files=(gin_file,), env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "final eval metrics" in proc.stdout and "sample" in proc.stdout, proc.stdout[-2000:]
+  assert "tasks.configure" in (model_dir / "config.gin").read_text()
+  expected = metrics_log.read(str(model_dir / "train" / "metrics.jsonl"))
+  assert [r["step"] for r in expected] == list(range(1, steps + 1))
+  return expected
+
+
+def _assert_resumed(proc, step):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Restored checkpoint for step {step}" in proc.stderr, proc.stderr[-3000:]
+  assert f"Restored the input position of step {step} (no batches replayed)" in proc.stderr
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("gin_file, make_data", [("gin/runs/text_bytes_cpu.gin", _text_corpus),
-                                                 ("gin/runs/maestro_cpu.gin", _maestro)],
-                         ids=["text_bytes_packed", "maestro_midi"])
-def test_file_task_resume_restores_the_input_position_bit_identically(tmp_path, gin_file,
-                                                                      make_data):
+def test_kill_9_then_resume_gives_the_bit_identical_loss_curve(tmp_path):
+  """A real kill -9 of a packed file-task run (text_bytes); the resumed run reads the
+  batches the uninterrupted run read, from the saved iterator state, to every bit."""
+  env = _text_corpus(tmp_path / "data")
+  gin_file = "gin/runs/text_bytes_cpu.gin"
+  expected = _run_config_baseline(tmp_path / "a", gin_file, env, 24)
+  metrics = str(tmp_path / "b" / "train" / "metrics.jsonl")
+  proc = _start(tmp_path / "b", "--gin.TRAIN_STEPS=24", gin_file=gin_file, env=env)
+  _wait_for_steps(proc, metrics, 7)  # past checkpoint 5 ...
+  deadline = time.time() + 300
+  while not (tmp_path / "b" / "checkpoints" / "5").exists():  # ... once orbax finalized it
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  resumed = binaries.train(tmp_path / "b", "--gin.TRAIN_STEPS=24", gin_files=(gin_file,),
+                           env=env)
+  restored = re.search(r"Restored checkpoint for step (\d+)", resumed.stderr)
+  assert restored and 5 <= int(restored.group(1)) < 24, resumed.stderr[-3000:]
+  _assert_resumed(resumed, int(restored.group(1)))
+  got = metrics_log.read(metrics)
+  assert [r["step"] for r in got] == list(range(1, 25))
+  assert got == expected  # loss, grad norm, learning rate: every bit
+
+
+@pytest.mark.slow
+def test_maestro_resume_restores_the_input_position_bit_identically(tmp_path):
   """The disk a kill -9 after step 12 leaves when checkpoints 10 and 12 were not yet written:
   checkpoint 5 and metrics up to 12. The resumed run must read the batches the
   uninterrupted run read at steps 6..12, from the saved iterator state (no replay)."""
-  env = make_data(tmp_path / "data")
-  run = dict(gin_files=(gin_file,), env=env)
-  baseline = binaries.train(tmp_path / "a", "--gin.TRAIN_STEPS=12", **run)
-  assert baseline.returncode == 0, baseline.stderr[-3000:]
-  expected = metrics_log.read(str(tmp_path / "a" / "train" / "metrics.jsonl"))
-  assert [r["step"] for r in expected] == list(range(1, 13))
+  env = _maestro(tmp_path / "data")
+  gin_file = "gin/runs/maestro_cpu.gin"
+  expected = _run_config_baseline(tmp_path / "a", gin_file, env, 12)
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   for step in (10, 12):
     shutil.rmtree(tmp_path / "b" / "checkpoints" / str(step))
-  resumed = binaries.train(tmp_path / "b", "--gin.TRAIN_STEPS=12", **run)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Restored checkpoint for step 5" in resumed.stderr, resumed.stderr[-3000:]
-  assert "Restored the input position of step 5 (no batches replayed)" in resumed.stderr
+  resumed = binaries.train(tmp_path / "b", "--gin.TRAIN_STEPS=12", gin_files=(gin_file,),
+                           env=env)
+  _assert_resumed(resumed, 5)
   assert metrics_log.read(str(tmp_path / "b" / "train" / "metrics.jsonl")) == expected
 
 

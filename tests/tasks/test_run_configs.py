@@ -6,7 +6,6 @@ a loss on a real batch (c4 under tfds.testing.mock_data).
 """
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -90,35 +89,3 @@ def test_tiny_pg19_config_on_local_books(parse, tmp_path):
   assert batch["decoder_target_tokens"].shape == (8, 64)
 
 
-def _train(run, data_bindings, model_dir):
-  cmd = [sys.executable, "-m", "perceiver_ar_t5x.train", f"--gin_file=gin/runs/{run}",
-         f"--gin.MODEL_DIR='{model_dir}'", *data_bindings, "--gin_search_paths=gin"]
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.mark.slow
-def test_train_binary_on_text_bytes_and_maestro(tmp_path, write_midi):
-  # >= BATCH_SIZE (8) validation examples: the final eval batch must fill the data mesh.
-  for split, count in (("train", 6), ("valid", 8)):
-    (tmp_path / split).mkdir()
-    for i in range(count):
-      (tmp_path / split / f"{i}.txt").write_text(f"{split} text {i}. " * (3 + 4 * i))
-  rows = ["split,midi_filename"]
-  for i in range(12):
-    notes = [(0.1 * k, 0.1 * k + 0.2, 50 + i + k % 12, 80) for k in range(30)]
-    write_midi(tmp_path / "midi" / f"{i}.mid", notes)
-    rows.append(f"{'train' if i < 4 else 'validation'},{i}.mid")
-  (tmp_path / "midi" / "meta.csv").write_text("\n".join(rows) + "\n")
-  runs = [("text_bytes_cpu.gin", [f"--gin.TEXT_FILES='{tmp_path / 'train'}'",
-                                  f"--gin.TEXT_VALIDATION_FILES='{tmp_path / 'valid'}'"],
-           tmp_path / "tb"),
-          ("maestro_cpu.gin", [f"--gin.MAESTRO_DIR='{tmp_path / 'midi'}'"], tmp_path / "mae")]
-  procs = [(_train(*run), run) for run in runs]  # both at once: they overlap start-up
-  for proc, (name, _, model_dir) in procs:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"{name}:\n{out[-3000:]}"
-    assert "final eval metrics" in out
-    assert os.path.isdir(model_dir / "checkpoints")
-    assert "tasks.configure" in (model_dir / "config.gin").read_text()
