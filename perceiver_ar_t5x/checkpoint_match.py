@@ -37,6 +37,8 @@ def jsonable(value: Any) -> Any:
     return f"{type(value).__name__}.{value.name}"
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
   if isinstance(value, Mapping):
     return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):

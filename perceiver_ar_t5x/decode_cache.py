@@ -7,7 +7,7 @@ What is cached, per example:
 Keys and values are both laid out [batch * heads, head_dim, keys] (example-major):
 the layout XLA's batched matrix-vector products read as it is, contracting the
 contiguous axis, so a step writes its new column in place and reads each cache
-once, instead of transposing or copying it (decode_step.py has the numbers).
+once, instead of transposing or copying it (layers/decode_ops.py has the numbers).
 
 Why the window is anchored. A latent's hidden state depends on where its window
 starts (it attends to the latents before it in the window), so a window that
@@ -32,16 +32,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from perceiver_ar_t5x.decode_step import LayerWeights, attend, layer_weights, step_layer
-from perceiver_ar_t5x.layers.embedding import (
-  Embed,
-  LearnedPositions,
-  OutputHead,
-  PositionEncoding,
-  sinusoidal_positions,
-)
-from perceiver_ar_t5x.layers.norms import RMSNorm
-from perceiver_ar_t5x.perceiver_ar import Block, PerceiverAR, latent_layer_params
+from perceiver_ar_t5x.layers.block import Block, CrossKvNorm, StepWeights
+from perceiver_ar_t5x.layers.decode_ops import attend, attend_segments
+from perceiver_ar_t5x.perceiver_ar import PerceiverAR
 
 _ROW_CHUNK = 128  # layer-0 query rows per chunk when a reset attends to a long context
 
@@ -57,6 +50,13 @@ class DecodeCache:
   layer0_v: jax.Array  # [batch * heads, head_dim, length]
   latent_k: tuple[jax.Array, ...]  # per latent layer [batch * heads, head_dim, latents]
   latent_v: tuple[jax.Array, ...]  # per latent layer [batch * heads, head_dim, latents]
+  # CrossKvNorm.PREFIX only: layer 0's keys/values of the window's rows, made from the
+  # query rows' norm (layer0_k/v hold every position's prefix-norm keys/values)
+  window0_k: jax.Array | None = None  # [batch * heads, head_dim, latents]
+  window0_v: jax.Array | None = None
+
+
+_HIDDEN = 2 ** 30  # a key position no query reaches: hides a cached key
 
 
 def _key_values(blk: Block, y: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,14 +67,8 @@ def _key_values(blk: Block, y: jax.Array, pos: jax.Array) -> tuple[jax.Array, ja
           v.transpose(0, 2, 3, 1).reshape(b * heads, d, r))
 
 
-def _finish(blk: Block, x: jax.Array, attended: jax.Array) -> jax.Array:
-  """Residual attention output, then the residual MLP (Block.__call__'s second half)."""
-  x = x + blk.attention.project_out(attended)
-  return x + blk.mlp(blk.pre_mlp_norm(x))
-
-
-def _rows_over_cache(blk: Block, x: jax.Array, pos: jax.Array, k: jax.Array, v: jax.Array,
-                     k_pos: jax.Array) -> jax.Array:
+def _rows_over_cache(blk: Block, x: jax.Array, pos: jax.Array,
+                     segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
   """Block on rows x [1, r, embed] whose keys are already cached; chunked over rows."""
   rows = x.shape[1]
   chunk = next((c for c in (_ROW_CHUNK, 64, 32, 16, 8, 4, 2) if rows % c == 0 and c < rows),
@@ -82,8 +76,8 @@ def _rows_over_cache(blk: Block, x: jax.Array, pos: jax.Array, k: jax.Array, v: 
 
   def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
     xc, pc = args  # [1, chunk, embed], [1, chunk]
-    y = blk.pre_attention_norm(xc)
-    return _finish(blk, xc, attend(blk.attention.project_query(y, pc), k, v, pc, k_pos))
+    q = blk.attention.project_query(blk.norm_query(xc), pc)
+    return blk.finish(xc, attend_segments(q, segments, pc))
 
   xs = x.reshape(rows // chunk, 1, chunk, x.shape[-1])
   out = jax.lax.map(one, (xs, pos.reshape(rows // chunk, 1, chunk)))
@@ -99,7 +93,7 @@ class CachedDecoder:
     length: static cache length (prompt + new tokens, bucketed by the caller).
     fill: latents kept after a reset (default num_latents // 2), in [1, latents].
     splits: pieces each step weight's contraction is cut into, so that batch-1
-      matrix-vector products run on that many cores (decode_step.py).
+      matrix-vector products run on that many cores (layers/decode_ops.py).
   """
 
   module: PerceiverAR
@@ -116,36 +110,15 @@ class CachedDecoder:
     fill = self.latents // 2 if self.fill is None else self.fill
     return max(1, min(fill, self.latents))
 
-  def layer_params(self, params: Any) -> list[Any]:
-    """Each block's own params, 0..L-1 (latent params un-stacked under either layout)."""
-    return [params["layers_0"]] + [latent_layer_params(params, i)
-                                   for i in range(1, self.module.num_layers)]
+  @property
+  def prefix_kv_norm(self) -> bool:
+    """Layer 0's window keys differ from its prefix keys (CrossKvNorm.PREFIX)."""
+    return self.module.block.cross_kv_norm == CrossKvNorm.PREFIX
 
   def blocks(self, params: Any) -> list[Block]:
     """Bound blocks 0..L-1 (latent params un-stacked once, outside the decode loop)."""
-    kwargs = self.module._block_kwargs()  # pylint: disable=protected-access
-    return [Block(**kwargs).bind({"params": p}) for p in self.layer_params(params)]
-
-  def embed(self, params: Any, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """[b, r] tokens at [b, r] positions -> [b, r, embed] (PerceiverAR.embed_tokens)."""
     m = self.module
-    x = Embed(m.vocab_size, m.embed_dim, dtype=m.dtype).apply(
-        {"params": params["token_embedder"]}, tokens)
-    if m.position_encoding == PositionEncoding.LEARNED:
-      table = LearnedPositions(m.max_length, m.embed_dim)
-      x = x + table.apply({"params": params["position_embedder"]}, positions).astype(m.dtype)
-    elif m.position_encoding == PositionEncoding.SINUSOIDAL:
-      x = x + sinusoidal_positions(positions, m.embed_dim).astype(m.dtype)
-    return x
-
-  def head(self, params: Any, h: jax.Array) -> jax.Array:
-    """[b, r, embed] -> float32 logits [b, r, vocab]: final norm and output head."""
-    m = self.module
-    h = RMSNorm(dtype=m.dtype).apply({"params": params["decoder_norm"]}, h)
-    if m.tie_embeddings:
-      return Embed(m.vocab_size, m.embed_dim, dtype=m.dtype).apply(
-          {"params": params["token_embedder"]}, h, method=Embed.attend)
-    return OutputHead(m.vocab_size).apply({"params": params["logits_dense"]}, h)
+    return [m.make_block(i).bind({"params": p}) for i, p in enumerate(m.layer_params(params))]
 
   def prefill(self, params: Any, tokens: jax.Array, prompt_lengths: jax.Array
               ) -> tuple[DecodeCache, jax.Array]:
@@ -159,15 +132,17 @@ class CachedDecoder:
       raise ValueError(f"tokens must have the cache length {self.length}, got {length}")
     blocks = self.blocks(params)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x = self.embed(params, tokens, pos)  # [batch, length, embed]
-    k0, v0 = _key_values(blocks[0], blocks[0].pre_attention_norm(x), pos)
+    x = self.module.embed_from_params(params, tokens, pos)  # [batch, length, embed]
+    k0, v0 = _key_values(blocks[0], blocks[0].norm_kv(x), pos)
     m = self.module
     shape = (batch * m.num_heads, m.head_dim, self.latents)
     p = prompt_lengths.astype(jnp.int32)
+    window = jnp.zeros(shape, k0.dtype) if self.prefix_kv_norm else None
     cache = DecodeCache(tokens=tokens.astype(jnp.int32), position=p, window_start=p,
                         layer0_k=k0, layer0_v=v0,
                         latent_k=tuple(jnp.zeros(shape, k0.dtype) for _ in blocks[1:]),
-                        latent_v=tuple(jnp.zeros(shape, v0.dtype) for _ in blocks[1:]))
+                        latent_v=tuple(jnp.zeros(shape, v0.dtype) for _ in blocks[1:]),
+                        window0_k=window, window0_v=window)
     start = jnp.maximum(p + 1 - self.latents, 0)
     logits = jnp.zeros((batch, m.vocab_size), jnp.float32)
 
@@ -185,32 +160,42 @@ class CachedDecoder:
     the causal mask keeps them from every valid row, and steps overwrite them.
     """
     pos = start + jnp.arange(rows, dtype=jnp.int32)[None, :]  # [1, rows]
-    x = self.embed(params, jax.lax.dynamic_slice(cache.tokens, (b, start), (1, rows)), pos)
+    tokens = jax.lax.dynamic_slice(cache.tokens, (b, start), (1, rows))
+    x = self.module.embed_from_params(params, tokens, pos)  # [1, rows, embed]
     heads = self.module.num_heads
     k0 = jax.lax.dynamic_slice_in_dim(cache.layer0_k, b * heads, heads)  # [heads, d, length]
     v0 = jax.lax.dynamic_slice_in_dim(cache.layer0_v, b * heads, heads)
     k_pos = jnp.arange(self.length, dtype=jnp.int32)[None, :]
-    x = _rows_over_cache(blocks[0], x, pos, k0, v0, k_pos)  # [1, rows, embed]
+    q_x = self.module.latent_query_from_params(params, x)
+    window = {}
+    if self.prefix_kv_norm:  # the window's own keys, from the query rows' norm
+      wk, wv = _key_values(blocks[0], blocks[0].norm_query(q_x), pos)  # [heads, d, rows]
+      segments = [(k0, v0, jnp.where(k_pos < start, k_pos, _HIDDEN)), (wk, wv, pos)]
+      at = (b * heads, 0, 0)
+      window = dict(window0_k=jax.lax.dynamic_update_slice(cache.window0_k, wk, at),
+                    window0_v=jax.lax.dynamic_update_slice(cache.window0_v, wv, at))
+    else:
+      segments = [(k0, v0, k_pos)]
+    x = _rows_over_cache(blocks[0], q_x, pos, segments)  # [1, rows, embed]
     latent_k, latent_v = [], []
     for blk, ck, cv in zip(blocks[1:], cache.latent_k, cache.latent_v):
-      y = blk.pre_attention_norm(x)
+      y = blk.norm_query(x)
       k, v = _key_values(blk, y, pos)
-      x = _finish(blk, x, attend(blk.attention.project_query(y, pos), k, v, pos, pos))
+      x = blk.finish(x, attend(blk.attention.project_query(y, pos), k, v, pos, pos))
       latent_k.append(jax.lax.dynamic_update_slice(ck, k, (b * heads, 0, 0)))
       latent_v.append(jax.lax.dynamic_update_slice(cv, v, (b * heads, 0, 0)))
     row = jax.lax.dynamic_slice_in_dim(x, cache.position[b] - start, 1, axis=1)
-    logits = logits.at[b].set(self.head(params, row)[0, 0])
+    logits = logits.at[b].set(self.module.head_from_params(params, row)[0, 0])
     cache = cache.replace(window_start=cache.window_start.at[b].set(start),
-                          latent_k=tuple(latent_k), latent_v=tuple(latent_v))
+                          latent_k=tuple(latent_k), latent_v=tuple(latent_v), **window)
     return cache, logits
 
-  def step_weights(self, params: Any) -> tuple[LayerWeights, ...]:
-    """Every block's kernels laid out for `step` (decode_step.py); make them once per decode."""
-    return tuple(layer_weights(blk, p, self.splits)
-                 for blk, p in zip(self.blocks(params), self.layer_params(params)))
+  def step_weights(self, params: Any) -> tuple[StepWeights, ...]:
+    """Every block's kernels laid out for `step` (Block.step_weights); make once per decode."""
+    return tuple(blk.step_weights(self.splits) for blk in self.blocks(params))
 
   def step(self, params: Any, cache: DecodeCache, advance: jax.Array,
-           weights: tuple[LayerWeights, ...] | None = None) -> tuple[DecodeCache, jax.Array]:
+           weights: tuple[StepWeights, ...] | None = None) -> tuple[DecodeCache, jax.Array]:
     """Moves examples with advance [batch] one position on; logits [batch, vocab] there.
 
     cache.tokens must already hold the new input token at position + 1. Examples
@@ -222,20 +207,29 @@ class CachedDecoder:
     n = self.latents
     p = cache.position + advance.astype(jnp.int32)
     s = cache.window_start
-    x = self.embed(params, jnp.take_along_axis(cache.tokens, p[:, None], axis=1), p[:, None])
-    x, k0, v0 = step_layer(blocks[0], weights[0], x[:, 0], p, cache.layer0_k, cache.layer0_v,
-                           p, jnp.arange(self.length, dtype=jnp.int32)[None, :])
+    token = jnp.take_along_axis(cache.tokens, p[:, None], axis=1)  # [b, 1]
+    x = self.module.embed_from_params(params, token, p[:, None])[:, 0]  # [b, embed]
+    q_x = self.module.latent_query_from_params(params, x)
     # a full window's write lands on its last slot; the reset below rewrites the window
     slot = jnp.minimum(p - s, n - 1)
     lat_pos = s[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    k_pos = jnp.arange(self.length, dtype=jnp.int32)[None, :]
+    window = None
+    if self.prefix_kv_norm:
+      k_pos = jnp.where(k_pos < s[:, None], k_pos, _HIDDEN)
+      window = (cache.window0_k, cache.window0_v, slot, lat_pos)
+    x, k0, v0, window = blocks[0].step(weights[0], q_x, p, cache.layer0_k, cache.layer0_v, p,
+                                       k_pos, kv_row=None if q_x is x else x, window=window)
     latent_k, latent_v = [], []
     for blk, w, ck, cv in zip(blocks[1:], weights[1:], cache.latent_k, cache.latent_v):
-      x, ck, cv = step_layer(blk, w, x, p, ck, cv, slot, lat_pos)
+      x, ck, cv, _ = blk.step(w, x, p, ck, cv, slot, lat_pos)
       latent_k.append(ck)
       latent_v.append(cv)
     cache = cache.replace(position=p, layer0_k=k0, layer0_v=v0, latent_k=tuple(latent_k),
                           latent_v=tuple(latent_v))
-    logits = self.head(params, x[:, None])[:, 0]  # [batch, vocab]
+    if window is not None:
+      cache = cache.replace(window0_k=window[0], window0_v=window[1])
+    logits = self.module.head_from_params(params, x[:, None])[:, 0]  # [batch, vocab]
     return self.reset_full(params, cache, logits, advance & (p - s >= n), blocks)
 
   def reset_full(self, params: Any, cache: DecodeCache, logits: jax.Array, full: jax.Array,

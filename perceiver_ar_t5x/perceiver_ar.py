@@ -19,16 +19,17 @@ import jax.numpy as jnp
 
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x import slicing
-from perceiver_ar_t5x.layers.attention import Attention, AttentionKernel
+from perceiver_ar_t5x.layers.attention import AttentionKernel
+from perceiver_ar_t5x.layers.block import Block, BlockOptions, CrossKvNorm
 from perceiver_ar_t5x.layers.embedding import (
   Embed,
+  LatentQuery,
   LearnedPositions,
   OutputHead,
   PositionEncoding,
   sinusoidal_positions,
 )
-from perceiver_ar_t5x.layers.mlp import GatedGeluMlp
-from perceiver_ar_t5x.layers.norms import RMSNorm
+from perceiver_ar_t5x.layers.norms import Norm
 
 
 class RematPolicy(enum.Enum):
@@ -54,53 +55,6 @@ _POLICIES = {
 }
 
 
-class Block(nn.Module):
-  """Pre-RMSNorm attention + gated-GELU MLP; cross-attention when kv_x is given."""
-
-  embed_dim: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  rotary_fraction: float | None = 0.5
-  max_timescale: float = 1e4
-  dtype: jnp.dtype = jnp.float32
-  attention_kernel: AttentionKernel = AttentionKernel.PLAIN
-  attention_chunk_size: int = 1024
-
-  def setup(self) -> None:
-    self.pre_attention_norm = RMSNorm(dtype=self.dtype)
-    self.attention = Attention(embed_dim=self.embed_dim, num_heads=self.num_heads,
-                               head_dim=self.head_dim, rotary_fraction=self.rotary_fraction,
-                               max_timescale=self.max_timescale,
-                               dropout_rate=self.dropout_rate, dtype=self.dtype,
-                               kernel=self.attention_kernel,
-                               chunk_size=self.attention_chunk_size)
-    self.pre_mlp_norm = RMSNorm(dtype=self.dtype)
-    self.mlp = GatedGeluMlp(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                            dtype=self.dtype)
-    self.dropout = nn.Dropout(self.dropout_rate)
-
-  def __call__(self, x: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
-               kv_x: jax.Array | None = None, k_pos: jax.Array | None = None,
-               k_seg: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
-    """x [batch, latents, embed]; kv_x [batch, keys, embed] or None for self-attention."""
-    y = self.pre_attention_norm(x)
-    kv_scale = None
-    if kv_x is None:
-      kv_y, k_pos, k_seg = y, q_pos, q_seg
-    elif self.attention_kernel == AttentionKernel.CHUNKED:
-      # the same norm as the latent rows had, applied per key chunk inside the kernel
-      kv_y, kv_scale = kv_x, nn.unbox(self.pre_attention_norm.variables["params"]["scale"])
-    else:
-      kv_y = self.pre_attention_norm(kv_x)  # the same norm as the latent rows had
-    x = x + self.attention(y, kv_y, q_pos, k_pos, q_seg, k_seg, kv_norm_scale=kv_scale,
-                           self_attention=kv_x is None, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, (pt.BATCH, pt.LATENTS, pt.EMBED))
-    h = self.mlp(self.pre_mlp_norm(x), deterministic=deterministic)
-    return x + self.dropout(h, deterministic=deterministic)
-
-
 class _FieldBlock(Block):
   """A Block whose `deterministic` is a field, so remat/scan never trace the flag."""
 
@@ -108,8 +62,9 @@ class _FieldBlock(Block):
 
   def __call__(self, x: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
                kv_x: jax.Array | None = None, k_pos: jax.Array | None = None,
-               k_seg: jax.Array | None = None) -> jax.Array:
-    return super().__call__(x, q_pos, q_seg, kv_x, k_pos, k_seg,
+               k_seg: jax.Array | None = None, kv_is_latent: jax.Array | None = None
+               ) -> jax.Array:
+    return super().__call__(x, q_pos, q_seg, kv_x, k_pos, k_seg, kv_is_latent,
                             deterministic=self.deterministic)
 
 
@@ -144,8 +99,20 @@ class PerceiverAR(nn.Module):
       layer 0 costs (1 - prefix_dropout) of its full price.
     position_encoding: rotary (default) or an absolute encoding.
     rotary_fraction: share of each head's features that are rotated.
+    rotary_layers: how many leading layers rotate queries/keys (None: all layers
+      with ROTARY, none with an absolute encoding; krasserm's models add rotary
+      to a learned table in layer 0 only).
     max_length: rows of the learned absolute position table.
+    position_table_trainable: False freezes the learned table (no gradient reaches it;
+      the official model's frozen sinusoidal table is imported as such a table).
     tie_embeddings: reuse the input embedding as the output head.
+    output_bias: a learned bias on the logits.
+    final_norm: normalise before the output head (krasserm's text models have none).
+    latent_query_projection: layer 0's query rows are a learned affine map of the
+      latents' embeddings (`latent_query`; the official model); the keys/values and
+      the residual take the unprojected rows and the projected ones respectively.
+    cross_mlp_dim: layer 0's MLP width where it differs from the latent layers' (krasserm).
+    block: the block's architecture variants (norms, biases, MLP; layers/block.py).
     dtype: activation dtype (params are always float32).
     remat_policy: what each block saves for the backward pass (RematPolicy).
     attention_kernel: PLAIN or CHUNKED attention (same numbers; CHUNKED has
@@ -166,38 +133,68 @@ class PerceiverAR(nn.Module):
   prefix_dropout: float = 0.0
   position_encoding: PositionEncoding = PositionEncoding.ROTARY
   rotary_fraction: float = 0.5
+  rotary_layers: int | None = None
   max_timescale: float = 1e4
   max_length: int = 8192
+  position_table_trainable: bool = True
   tie_embeddings: bool = False
+  output_bias: bool = False
+  final_norm: bool = True
+  latent_query_projection: bool = False
+  cross_mlp_dim: int | None = None
+  block: BlockOptions = BlockOptions()
   dtype: jnp.dtype = jnp.float32
   remat_policy: RematPolicy = RematPolicy.NONE
   attention_kernel: AttentionKernel = AttentionKernel.PLAIN
   attention_chunk_size: int = 1024
   scan_layers: bool = False
 
-  def _block_kwargs(self) -> dict[str, Any]:
-    rotary = self.rotary_fraction if self.position_encoding == PositionEncoding.ROTARY else None
+  @property
+  def num_rotary_layers(self) -> int:
+    if self.rotary_layers is not None:
+      return min(self.rotary_layers, self.num_layers)
+    return self.num_layers if self.position_encoding == PositionEncoding.ROTARY else 0
+
+  def block_kwargs(self, index: int) -> dict[str, Any]:
+    """The Block fields of layer `index` (0 = the cross-attention layer)."""
+    if self.scan_layers and 1 < self.num_rotary_layers < self.num_layers:
+      raise ValueError(f"scan_layers needs the same rotary in every latent layer; "
+                       f"rotary_layers={self.rotary_layers} of {self.num_layers}")
+    if self.latent_query_projection and self.block.cross_kv_norm == CrossKvNorm.PREFIX:
+      raise ValueError("latent_query_projection with CrossKvNorm.PREFIX is not a known model")
+    rotary = self.rotary_fraction if index < self.num_rotary_layers else None
+    mlp_dim = self.cross_mlp_dim if index == 0 and self.cross_mlp_dim else self.mlp_dim
     return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self.head_dim,
-                mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, rotary_fraction=rotary,
+                mlp_dim=mlp_dim, dropout_rate=self.dropout_rate, rotary_fraction=rotary,
                 max_timescale=self.max_timescale, dtype=self.dtype,
                 attention_kernel=self.attention_kernel,
-                attention_chunk_size=self.attention_chunk_size)
+                attention_chunk_size=self.attention_chunk_size, options=self.block,
+                kv_norm=self.block.cross_kv_norm if index == 0 else CrossKvNorm.SHARED)
+
+  def make_block(self, index: int) -> Block:
+    """An unbound Block for layer `index` (bind it to `layer_params(params)[index]`)."""
+    return Block(**self.block_kwargs(index), parent=None)
+
+  def layer_params(self, params: Any) -> list[Any]:
+    """Each block's own params, 0..L-1 (latent params un-stacked under either layout)."""
+    return [params["layers_0"]] + [latent_layer_params(params, i)
+                                   for i in range(1, self.num_layers)]
 
   def _remat(self, cls: type[nn.Module], **kwargs: Any) -> type[nn.Module]:
     if self.remat_policy == RematPolicy.NONE:
       return cls
     return nn.remat(cls, policy=_POLICIES[self.remat_policy], **kwargs)
 
-  def _block(self, name: str, deterministic: bool) -> Block:
-    return self._remat(_FieldBlock)(**self._block_kwargs(), deterministic=deterministic,
-                                    name=name)
+  def _block(self, index: int, deterministic: bool) -> Block:
+    return self._remat(_FieldBlock)(**self.block_kwargs(index), deterministic=deterministic,
+                                    name=f"layers_{index}")
 
   def _latent_stack(self, h: jax.Array, lat_pos: jax.Array, lat_seg: jax.Array | None,
                     deterministic: bool) -> jax.Array:
     """Blocks 1..num_layers-1: self-attention over the latents, unrolled or scanned."""
     if not self.scan_layers:
       for i in range(1, self.num_layers):
-        h = self._block(f"layers_{i}", deterministic)(h, lat_pos, lat_seg)
+        h = self._block(i, deterministic)(h, lat_pos, lat_seg)
       return h
     if self.num_layers < 2:
       return h
@@ -205,19 +202,70 @@ class PerceiverAR(nn.Module):
                       variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers - 1,
                       metadata_params={nn.PARTITION_NAME: pt.LAYERS})
-    h, _ = scanned(**self._block_kwargs(), deterministic=deterministic,
+    h, _ = scanned(**self.block_kwargs(1), deterministic=deterministic,
                    name="latent_layers")(h, lat_pos, lat_seg)
     return h
 
-  def embed_tokens(self, embedder: Embed, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """[batch, length] -> [batch, length, embed], absolute positions added if configured."""
-    x = embedder(tokens)
+  # The embedding and the head, as submodules (inside __call__) and from params
+  # (cached decoding): the one place that knows their parameter names.
+  # Submodules are made with a name inside __call__ and with parent=None (free-standing,
+  # applied to that name's params) by the *_from_params methods.
+  def _embedder(self, **kw: Any) -> Embed:
+    return Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, **kw)
+
+  def _positions(self, **kw: Any) -> LearnedPositions:
+    return LearnedPositions(self.max_length, self.embed_dim, **kw)
+
+  def _final_norm(self, **kw: Any) -> Norm:
+    o = self.block
+    return Norm(kind=o.norm, epsilon=o.norm_epsilon, dtype=self.dtype, **kw)
+
+  def _head(self, **kw: Any) -> OutputHead:
+    return OutputHead(self.vocab_size, **kw)
+
+  def _add_positions(self, x: jax.Array, positions: jax.Array, table: Any) -> jax.Array:
     if self.position_encoding == PositionEncoding.LEARNED:
-      x = x + LearnedPositions(self.max_length, self.embed_dim,
-                               name="position_embedder")(positions).astype(self.dtype)
+      rows = table(positions)
+      if not self.position_table_trainable:
+        rows = jax.lax.stop_gradient(rows)
+      x = x + rows.astype(self.dtype)
     elif self.position_encoding == PositionEncoding.SINUSOIDAL:
       x = x + sinusoidal_positions(positions, self.embed_dim).astype(self.dtype)
     return x
+
+  def _logits(self, h: jax.Array, embedder: Any, head: Any, bias: jax.Array | None
+              ) -> jax.Array:
+    logits = embedder.attend(h) if self.tie_embeddings else head(h)  # f32 [b, r, vocab]
+    return logits if bias is None else logits + bias
+
+  def embed_from_params(self, params: Any, tokens: jax.Array, positions: jax.Array
+                        ) -> jax.Array:
+    """[b, r] tokens at [b, r] positions -> [b, r, embed], as __call__ embeds them."""
+    x = self._embedder(parent=None).apply({"params": params["token_embedder"]}, tokens)
+
+    def table(pos: jax.Array) -> jax.Array:
+      return self._positions(parent=None).apply({"params": params["position_embedder"]}, pos)
+
+    return self._add_positions(x, positions, table)
+
+  def _latent_query(self, **kw: Any) -> LatentQuery:
+    return LatentQuery(self.embed_dim, dtype=self.dtype, **kw)
+
+  def latent_query_from_params(self, params: Any, x: jax.Array) -> jax.Array:
+    """Layer 0's query rows from the latents' embedded rows x [b, r, embed]."""
+    if not self.latent_query_projection:
+      return x
+    return self._latent_query(parent=None).apply({"params": params["latent_query"]}, x)
+
+  def head_from_params(self, params: Any, h: jax.Array) -> jax.Array:
+    """[b, r, embed] -> float32 logits [b, r, vocab]: final norm and output head."""
+    if self.final_norm:
+      h = self._final_norm(parent=None).apply({"params": params["decoder_norm"]}, h)
+    embedder = self._embedder(parent=None).bind({"params": params["token_embedder"]})
+    head = (None if self.tie_embeddings else
+            self._head(parent=None).bind({"params": params["logits_dense"]}))
+    bias = nn.unbox(params["logits_bias"]) if self.output_bias else None
+    return self._logits(h, embedder, head, bias)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
@@ -241,8 +289,10 @@ class PerceiverAR(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     if latent_starts is None:
       latent_starts = jnp.full((batch,), length - n, jnp.int32)
-    embedder = Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="token_embedder")
-    x = self.embed_tokens(embedder, tokens, positions)  # [batch, length, embed]
+    embedder = self._embedder(name="token_embedder")
+    learned = self.position_encoding == PositionEncoding.LEARNED
+    table = self._positions(name="position_embedder") if learned else None
+    x = self._add_positions(embedder(tokens), positions, table)  # [batch, length, embed]
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (pt.BATCH, pt.LENGTH, pt.EMBED))
 
@@ -250,21 +300,29 @@ class PerceiverAR(nn.Module):
     lat_pos = slicing.window(positions, latent_starts, n)  # [batch, latents]
     lat_seg = None if segment_ids is None else slicing.window(segment_ids, latent_starts, n)
     kv_x, k_pos, k_seg = x, positions, segment_ids
+    index = jnp.arange(length)[None, :]
+    kv_is_latent = (index >= latent_starts[:, None]) & (index < latent_starts[:, None] + n)
     if not deterministic and self.prefix_dropout > 0.0 and length > n:
       keep = slicing.num_kept_prefix(length - n, self.prefix_dropout)
       idx = slicing.prefix_keep_indices(self.make_rng("dropout"), latent_starts, n, length,
                                         keep)  # [batch, keep]
       kv_x = jnp.concatenate([slicing.take(x, idx), lat_x], axis=1)
       k_pos = jnp.concatenate([slicing.take(positions, idx), lat_pos], axis=1)
+      kv_is_latent = jnp.arange(keep + n)[None, :] >= keep
       if segment_ids is not None:
         k_seg = jnp.concatenate([slicing.take(segment_ids, idx), lat_seg], axis=1)
     # Layer-0 keys/values: their length axis may be sharded (PartitioningConfig.shard_length).
     kv_x = nn.with_logical_constraint(kv_x, (pt.BATCH, pt.LENGTH, pt.EMBED))  # [b, keys, e]
 
-    h = self._block("layers_0", deterministic)(lat_x, lat_pos, lat_seg, kv_x, k_pos, k_seg)
+    q_x = (self._latent_query(name="latent_query")(lat_x) if self.latent_query_projection
+           else lat_x)
+    h = self._block(0, deterministic)(q_x, lat_pos, lat_seg, kv_x, k_pos, k_seg, kv_is_latent)
     h = self._latent_stack(h, lat_pos, lat_seg, deterministic)
-    h = RMSNorm(dtype=self.dtype, name="decoder_norm")(h)
+    if self.final_norm:
+      h = self._final_norm(name="decoder_norm")(h)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    if self.tie_embeddings:
-      return embedder.attend(h)
-    return OutputHead(self.vocab_size, name="logits_dense")(h)  # [batch, latents, vocab]
+    head = None if self.tie_embeddings else self._head(name="logits_dense")
+    bias = (self.param("logits_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   (pt.VOCAB,)),
+                       (self.vocab_size,), jnp.float32) if self.output_bias else None)
+    return self._logits(h, embedder, head, bias)  # [batch, latents, vocab]

@@ -189,7 +189,8 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   meta = checkpoints.model_meta(model, 0, config_values)
   start, state, position = resume.restore_or_init(model, ckpt, abstract, meta, lambda: (
       training.create_state(model, optimizer, jax.random.fold_in(seed_rng, 0), length, mesh,
-                            rules)[0]))
+                            rules)[0]), lambda params, step: training.with_optimizer(
+                                params, step, optimizer, part))
   write_model_info(model_dir, state, part)
   layout = pt.data_layout(mesh)  # processes holding the same batch rows read the same data
   ds = datasets.get_dataset(train_cfg, shard_index=layout.shard_index,

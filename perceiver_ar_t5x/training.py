@@ -107,6 +107,16 @@ def create_state(model: PerceiverARModel, optimizer: optax.GradientTransformatio
   return jax.device_put(state, sharding), part
 
 
+def with_optimizer(params: Any, step: int, optimizer: optax.GradientTransformation,
+                   part: Partitioned) -> TrainState:
+  """A TrainState at `step` from restored params and a fresh optimizer state (fine-tuning)."""
+  sharding = part.state_sharding
+  with jax.set_mesh(part.mesh), nn.logical_axis_rules(part.rules):
+    opt_state = jax.jit(optimizer.init, out_shardings=sharding.opt_state)(params)
+  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+  return jax.device_put(state, sharding)
+
+
 def abstract_state(state: TrainState) -> Any:
   """ShapeDtypeStructs with shardings, the restore target for orbax."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),

@@ -10,9 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_t5x import decode_step, decoding
+from perceiver_ar_t5x import decoding
 from perceiver_ar_t5x.decode_cache import CachedDecoder
+from perceiver_ar_t5x.layers import decode_ops
+from perceiver_ar_t5x.layers.attention import AttentionKernel
+from perceiver_ar_t5x.layers.block import BlockOptions, CrossKvNorm
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
+from perceiver_ar_t5x.layers.mlp import Activation
+from perceiver_ar_t5x.layers.norms import NormKind
 from perceiver_ar_t5x.models import PerceiverARModel
 
 PROMPTS = np.random.default_rng(0).integers(1, 13, (3, 9)).astype(np.int32)
@@ -25,7 +30,7 @@ def _model(module, **overrides):
   return model, model.init(jax.random.key(1), 10)
 
 
-def _assert_exact(model, params, result):
+def _assert_exact(model, params, result, atol=1e-5):
   """Every decoded position's logits == one full forward pass with that step's window."""
   rows, where = [], []
   for b, prompt_length in enumerate(LENGTHS):
@@ -40,8 +45,8 @@ def _assert_exact(model, params, result):
   full = jax.jit(model.logits)(params, {"decoder_input_tokens": jnp.asarray(np.stack(rows))},
                                starts)
   for i, (b, p, start) in enumerate(where):
-    np.testing.assert_allclose(result.logits[b, 0, p], full[i, p - start], atol=1e-5, rtol=1e-5,
-                               err_msg=f"example {b}, position {p}, window start {start}")
+    np.testing.assert_allclose(result.logits[b, 0, p], full[i, p - start], atol=atol,
+                               rtol=atol, err_msg=f"example {b}, position {p}, start {start}")
 
 
 @pytest.mark.parametrize("fill", [None, 1])
@@ -72,6 +77,52 @@ def test_exact_for_other_encodings_heads_and_layer_layouts(tiny_module, override
   result = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(3),
                            decoding.SamplingConfig(temperature=1.0), record_logits=True)
   _assert_exact(model, params, result)
+
+
+# Every block and model option, in three models that between them set each one away
+# from its default (official-like, krasserm-like, flaxformer-like).
+OPTIONS = {
+    "official": dict(
+        block=BlockOptions(norm=NormKind.LAYER, norm_epsilon=1e-5, use_bias=True,
+                           activation=Activation.SQUARED_RELU, gated_mlp=False,
+                           cross_kv_norm=CrossKvNorm.SEPARATE),
+        latent_query_projection=True, output_bias=True, max_timescale=37.0),
+    "krasserm": dict(
+        block=BlockOptions(norm=NormKind.LAYER, norm_epsilon=1e-5, use_bias=True,
+                           activation=Activation.GELU, gated_mlp=False,
+                           cross_kv_norm=CrossKvNorm.PREFIX),
+        position_encoding=PositionEncoding.LEARNED, position_table_trainable=False,
+        rotary_layers=2, rotary_fraction=1.0, final_norm=False, tie_embeddings=True,
+        output_bias=True, cross_mlp_dim=7),
+    "flaxformer": dict(
+        block=BlockOptions(scale_query=False, activation=Activation.RELU), rotary_layers=1,
+        attention_kernel=AttentionKernel.CHUNKED, attention_chunk_size=4),
+}
+
+
+def _perturbed(params, seed=11):
+  """Init params plus noise, so zero biases and unit norm scales are exercised too."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_exact_for_every_block_option(tiny_module, name):
+  model, params = _model(tiny_module, **OPTIONS[name])
+  params = _perturbed(params)
+  result = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(3),
+                           decoding.SamplingConfig(temperature=1.0), record_logits=True)
+  _assert_exact(model, params, result)
+
+
+def test_bfloat16_activations_stay_close_to_the_full_forward_pass(tiny_module):
+  """bf16 activations: the cached and full paths round differently; the gap stays small."""
+  model, params = _model(tiny_module, dtype=jnp.bfloat16, **OPTIONS["official"])
+  result = decoding.decode(model, params, PROMPTS, LENGTHS, NEW, jax.random.key(3),
+                           decoding.SamplingConfig(temperature=1.0), record_logits=True)
+  _assert_exact(model, params, result, atol=0.15)
 
 
 def test_fill_equal_to_latents_is_the_window_ending_at_each_position(tiny_module):
@@ -126,11 +177,11 @@ def test_split_matvec_equals_the_plain_product(splits):
   """Step weights [splits, k / splits, n] (k = 7 zero-padded) give x @ w, batch 1 and 2."""
   rng = np.random.default_rng(7)
   w = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
-  stored = decode_step._split(w, splits)
+  stored = decode_ops.split_rows(w, splits)
   assert stored.shape == (splits, -(-7 // splits), 5)
   for batch in (1, 2):
     x = jnp.asarray(rng.standard_normal((batch, 7)), jnp.float32)
-    np.testing.assert_allclose(decode_step.matvec(x, stored), x @ w, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(decode_ops.matvec(x, stored), x @ w, atol=1e-6, rtol=1e-6)
 
 
 def test_batch_one_uses_split_weights_and_stays_exact(tiny_module):
@@ -139,9 +190,10 @@ def test_batch_one_uses_split_weights_and_stays_exact(tiny_module):
   result = decoding.decode(model, params, PROMPTS[:1], LENGTHS[:1], NEW, jax.random.key(8),
                            decoding.SamplingConfig(temperature=1.0), record_logits=True)
   tokens = np.pad(result.tokens[0, 0], (1, 0))[:-1]
+  logits = jax.jit(model.logits)  # one compilation for every position
   for p in range(LENGTHS[0], LENGTHS[0] + NEW):
     start = int(result.window_starts[0, 0, p])
     row = jnp.asarray(np.pad(tokens, (0, model.num_latents))[None])
-    full = jax.jit(model.logits)(params, {"decoder_input_tokens": row}, jnp.array([start]))
+    full = logits(params, {"decoder_input_tokens": row}, jnp.array([start]))
     np.testing.assert_allclose(result.logits[0, 0, p], full[0, p - start], atol=1e-5,
                                rtol=1e-5, err_msg=f"position {p}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,7 @@ from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.layers import matmul, rotary
 from perceiver_ar_t5x.layers.block_causal import block_causal_attention
 from perceiver_ar_t5x.layers.chunked_attention import chunked_projected_attention
-from perceiver_ar_t5x.layers.norms import rms_norm
+from perceiver_ar_t5x.layers.norms import NormKind, normalize
 
 
 class AttentionKernel(enum.Enum):
@@ -57,19 +58,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.A
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def project_key_value(weights: tuple[jax.Array, ...], x: jax.Array, positions: jax.Array, *,
+def project_key_value(weights: dict[str, Any], x: jax.Array, positions: jax.Array, *,
                       dtype: jnp.dtype, rotary_fraction: float | None, max_timescale: float,
-                      norm_epsilon: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+                      norm_kind: NormKind = NormKind.RMS, norm_epsilon: float = 1e-6
+                      ) -> tuple[jax.Array, jax.Array]:
   """x [batch, len, embed] -> rotated keys, values [batch, len, heads, head_dim].
 
-  weights: (key, value) kernels, or (key, value, norm scale) to RMS-normalise x first
-  (fused so that the CHUNKED kernel never holds the normed input at full length).
+  weights: {"key", "value"} kernels, their "key_bias"/"value_bias" if the layer has
+  biases, and "norm" (the key/value input's norm params) to normalise x first (fused so
+  that the CHUNKED kernel never holds the normed input at full length).
   """
-  if len(weights) == 3:
-    x = rms_norm(x, weights[2], norm_epsilon, dtype)
+  if "norm" in weights:
+    x = normalize(x, weights["norm"], norm_kind, norm_epsilon, dtype)
   x = x.astype(dtype)
-  k = matmul.einsum("ble,ehd->blhd", x, weights[0], dtype)
-  v = matmul.einsum("ble,ehd->blhd", x, weights[1], dtype)
+  k = matmul.einsum("ble,ehd->blhd", x, weights["key"], dtype)
+  v = matmul.einsum("ble,ehd->blhd", x, weights["value"], dtype)
+  if "key_bias" in weights:
+    k = k + weights["key_bias"].astype(dtype)
+    v = v + weights["value_bias"].astype(dtype)
   if rotary_fraction is not None:
     k = rotary.apply_rotary(k, positions, fraction=rotary_fraction, max_timescale=max_timescale)
   return k, v
@@ -78,8 +84,15 @@ def project_key_value(weights: tuple[jax.Array, ...], x: jax.Array, positions: j
 class Attention(nn.Module):
   """Projections, optional rotary embeddings, masked attention and output projection.
 
-  The projection methods are public so cached decoding can run them one step at
-  a time with the same parameters.
+  The projection methods are public so cached decoding runs them one step at a
+  time with the same parameters; `kv_weights` and `query_kernel` are the only
+  places that know how the parameters combine.
+
+  Attributes:
+    use_bias: biases on the query/key/value ([heads, head_dim]) and output ([embed])
+      projections (official Perceiver AR, krasserm); T5-style models have none.
+    scale_query: multiply queries by head_dim**-0.5 at run time. False for models
+      that fold the scale into the query kernel (flaxformer's initialiser does).
   """
 
   embed_dim: int
@@ -92,6 +105,8 @@ class Attention(nn.Module):
   kernel: AttentionKernel = AttentionKernel.PLAIN
   chunk_size: int = 1024
   causal_block: int = 128
+  use_bias: bool = False
+  scale_query: bool = True
 
   def setup(self) -> None:
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -101,36 +116,66 @@ class Attention(nn.Module):
     in_shape = (self.embed_dim, self.num_heads, self.head_dim)
     in_axes = (pt.EMBED, pt.HEADS, pt.KV)
 
-    def kernel(name: str, init, shape, axes) -> jax.Array:
+    def param(name: str, init, shape, axes) -> jax.Array:
       return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
-    self.query = kernel("query", init, in_shape, in_axes)
-    self.key = kernel("key", init, in_shape, in_axes)
-    self.value = kernel("value", init, in_shape, in_axes)
-    self.out = kernel("out", out_init, (self.num_heads, self.head_dim, self.embed_dim),
-                      (pt.HEADS, pt.KV, pt.EMBED))
+    self.query = param("query", init, in_shape, in_axes)
+    self.key = param("key", init, in_shape, in_axes)
+    self.value = param("value", init, in_shape, in_axes)
+    self.out = param("out", out_init, (self.num_heads, self.head_dim, self.embed_dim),
+                     (pt.HEADS, pt.KV, pt.EMBED))
+    if self.use_bias:
+      zeros = nn.initializers.zeros
+      self.query_bias = param("query_bias", zeros, in_shape[1:], in_axes[1:])
+      self.key_bias = param("key_bias", zeros, in_shape[1:], in_axes[1:])
+      self.value_bias = param("value_bias", zeros, in_shape[1:], in_axes[1:])
+      self.out_bias = param("out_bias", zeros, (self.embed_dim,), (pt.EMBED,))
     self.dropout = nn.Dropout(self.dropout_rate)
+
+  @property
+  def query_scale(self) -> float:
+    return self.head_dim ** -0.5 if self.scale_query else 1.0
+
+  def query_kernel(self) -> tuple[jax.Array, jax.Array | None]:
+    """The query kernel and bias [embed | -, heads, head_dim] with the query scale folded in."""
+    bias = self.query_bias * self.query_scale if self.use_bias else None
+    return self.query * self.query_scale, bias
+
+  def kv_weights(self, norm: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """The key/value params as project_key_value takes them (plus the input norm's)."""
+    weights = {"key": self.key, "value": self.value}
+    if self.use_bias:
+      weights.update(key_bias=self.key_bias, value_bias=self.value_bias)
+    if norm is not None:
+      weights["norm"] = norm
+    return weights
 
   def project_query(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """[batch, len, embed] -> scaled, rotated queries [batch, len, heads, head_dim]."""
-    q = matmul.einsum("ble,ehd->blhd", x, self.query * (self.head_dim ** -0.5), self.dtype)
-    return self._rotate(q, positions)
+    kernel, bias = self.query_kernel()
+    q = matmul.einsum("ble,ehd->blhd", x, kernel, self.dtype)
+    if bias is not None:
+      q = q + bias.astype(self.dtype)
+    return self.rotate(q, positions)
 
   def project_key_value(self, x: jax.Array, positions: jax.Array
                         ) -> tuple[jax.Array, jax.Array]:
     """[batch, len, embed] -> rotated keys and values [batch, len, heads, head_dim]."""
-    return self._kv_fn()((self.key, self.value), x, positions)
+    return self._kv_fn()(self.kv_weights(), x, positions)
 
-  def _kv_fn(self):
+  def _kv_fn(self, norm_kind: NormKind = NormKind.RMS, norm_epsilon: float = 1e-6):
     return functools.partial(project_key_value, dtype=self.dtype,
                              rotary_fraction=self.rotary_fraction,
-                             max_timescale=self.max_timescale)
+                             max_timescale=self.max_timescale, norm_kind=norm_kind,
+                             norm_epsilon=norm_epsilon)
 
   def project_out(self, x: jax.Array) -> jax.Array:
     """[batch, len, heads, head_dim] -> [batch, len, embed]."""
-    return matmul.einsum("blhd,hde->ble", x, self.out, self.dtype)
+    y = matmul.einsum("blhd,hde->ble", x, self.out, self.dtype)
+    return y + self.out_bias.astype(self.dtype) if self.use_bias else y
 
-  def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary embedding of queries/keys x [batch, len, heads, d] (identity without rotary)."""
     if self.rotary_fraction is None:
       return x
     return rotary.apply_rotary(x, positions, fraction=self.rotary_fraction,
@@ -138,26 +183,26 @@ class Attention(nn.Module):
 
   def __call__(self, q_in: jax.Array, kv_in: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                q_seg: jax.Array | None = None, k_seg: jax.Array | None = None, *,
-               kv_norm_scale: jax.Array | None = None, self_attention: bool = False,
-               deterministic: bool = True) -> jax.Array:
+               kv_norm: tuple[dict[str, jax.Array], NormKind, float] | None = None,
+               self_attention: bool = False, deterministic: bool = True) -> jax.Array:
     """q_in [batch, q_len, embed], kv_in [batch, k_len, embed] -> [batch, q_len, embed].
 
-    kv_norm_scale: if given, kv_in is RMS-normalised with this scale inside the
-    key/value projection (per chunk for the CHUNKED kernel).
+    kv_norm: if given, (params, kind, epsilon) of a norm applied to kv_in inside the
+      key/value projection (per chunk for the CHUNKED kernel).
     self_attention: kv_in is q_in (the latent stack): block_causal_attention skips
       the key blocks after each query block, whatever the kernel (CHUNKED and
       PLAIN differ only for layer 0's long keys).
     """
     q = self.project_query(q_in, q_pos)
-    weights = (self.key, self.value)
-    if kv_norm_scale is not None:
-      weights = weights + (kv_norm_scale,)
-    if self.kernel == AttentionKernel.CHUNKED and not self_attention:
-      out = chunked_projected_attention(q, weights, kv_in, q_pos, k_pos,
-                                        q_seg, k_seg, kv_fn=self._kv_fn(),
-                                        chunk_size=self.chunk_size)
+    if kv_norm is None:
+      weights, kv_fn = self.kv_weights(), self._kv_fn()
     else:
-      k, v = self._kv_fn()(weights, kv_in, k_pos)
+      weights, kv_fn = self.kv_weights(kv_norm[0]), self._kv_fn(*kv_norm[1:])
+    if self.kernel == AttentionKernel.CHUNKED and not self_attention:
+      out = chunked_projected_attention(q, weights, kv_in, q_pos, k_pos, q_seg, k_seg,
+                                        kv_fn=kv_fn, chunk_size=self.chunk_size)
+    else:
+      k, v = kv_fn(weights, kv_in, k_pos)
       out = (block_causal_attention(q, k, v, q_pos, q_seg, block=self.causal_block)
              if self_attention else dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg))
     return self.dropout(self.project_out(out), deterministic=deterministic)

@@ -62,6 +62,24 @@ class OutputHead(nn.Module):
     return jnp.einsum("ble,ev->blv", x.astype(jnp.float32), kernel)
 
 
+class LatentQuery(nn.Module):
+  """The official Perceiver AR's affine map of the latents' embeddings to layer 0's queries."""
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                               (pt.EMBED, pt.EMBED)),
+        (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (pt.EMBED,)),
+                      (self.features,), jnp.float32)
+    y = jnp.einsum("...e,ef->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)  # [batch, latents, embed]
+
+
 class LearnedPositions(nn.Module):
   """A learned absolute position table of `max_length` rows."""
 

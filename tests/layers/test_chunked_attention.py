@@ -7,6 +7,7 @@ import pytest
 
 from perceiver_ar_t5x.layers.attention import AttentionKernel, dot_product_attention
 from perceiver_ar_t5x.layers.chunked_attention import chunked_dot_product_attention
+from perceiver_ar_t5x.layers.norms import NormKind
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
 
 BATCH, Q_LEN, K_LEN, HEADS, DIM = 2, 5, 13, 3, 4
@@ -84,18 +85,25 @@ def test_model_loss_and_grads_equal_with_prefix_dropout_and_segments():
                          got_grads, want_grads)
 
 
-def test_projected_attention_with_fused_norm_equals_plain():
-  """RMSNorm + k/v projection inside the chunk loop: same values and grads (incl. weights)."""
+@pytest.mark.parametrize("norm", [NormKind.RMS, NormKind.LAYER])
+def test_projected_attention_with_fused_norm_equals_plain(norm):
+  """Norm + k/v projection (+ biases) inside the chunk loop: same values and grads."""
   from perceiver_ar_t5x.layers.attention import project_key_value
   from perceiver_ar_t5x.layers.chunked_attention import chunked_projected_attention
 
   q, _, _, q_pos, k_pos, q_seg, k_seg = _inputs(packed=True)
-  keys = jax.random.split(jax.random.PRNGKey(5), 4)
+  keys = jax.random.split(jax.random.PRNGKey(5), 8)
   x = jax.random.normal(keys[0], (BATCH, K_LEN, 6))  # [batch, keys, embed]
-  weights = (jax.random.normal(keys[1], (6, HEADS, DIM)),
-             jax.random.normal(keys[2], (6, HEADS, DIM)), 1.0 + jax.random.normal(keys[3], (6,)))
+  weights = {"key": jax.random.normal(keys[1], (6, HEADS, DIM)),
+             "value": jax.random.normal(keys[2], (6, HEADS, DIM)),
+             "norm": {"scale": 1.0 + jax.random.normal(keys[3], (6,))}}
+  if norm == NormKind.LAYER:  # LayerNorm's bias and projection biases ride along
+    weights["norm"]["bias"] = jax.random.normal(keys[4], (6,))
+    weights["key_bias"] = jax.random.normal(keys[5], (HEADS, DIM))
+    weights["value_bias"] = jax.random.normal(keys[6], (HEADS, DIM))
   kv_fn = lambda w, x, pos: project_key_value(  # noqa: E731
-      w, x, pos, dtype=jnp.float32, rotary_fraction=0.5, max_timescale=1e4)
+      w, x, pos, dtype=jnp.float32, rotary_fraction=0.5, max_timescale=1e4, norm_kind=norm,
+      norm_epsilon=1e-5)
 
   def plain(q, w, x):
     k, v = kv_fn(w, x, k_pos)
