@@ -73,8 +73,11 @@ def setup_logging() -> None:
 def register_enum_constants() -> None:
   """Lets gin files say `%models.CroppingMethod.FULL_LATENTS` (enums, not strings)."""
   from perceiver_ar_t5x import evaluation, models, optimizers, perceiver_ar
-  from perceiver_ar_t5x.layers import attention, embedding
+  from perceiver_ar_t5x.layers import attention, block, embedding, mlp, norms
   for module_name, enum_cls in (("models", models.CroppingMethod),
+                                ("norms", norms.NormKind),
+                                ("mlp", mlp.Activation),
+                                ("block", block.CrossKvNorm),
                                 ("evaluation", evaluation.ScoringMode),
                                 ("optimizers", optimizers.OptimizerName),
                                 ("optimizers", optimizers.ScheduleName),
@@ -102,6 +105,17 @@ def with_project_gin_dir(search_paths: Sequence[str]) -> list[str]:
   return paths
 
 
+@contextlib.contextmanager
+def _syntax_errors(where: str) -> Iterator[None]:
+  """gin's SyntaxError (a traceback otherwise) as a ConfigError naming the text."""
+  try:
+    yield
+  except SyntaxError as e:
+    text = (e.text or "").strip()
+    place = f" ({e.filename}, line {e.lineno})" if e.filename not in (None, "<string>") else ""
+    raise ConfigError(f"{e.msg} {where}: {text!r}{place}") from None
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str]) -> None:
   """Parses gin files then bindings; search paths resolve files and includes."""
@@ -121,9 +135,12 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     # for a Python package "runs", and a ./runs directory (the quick start's model dirs)
     # is one without a file, which crashes gin's lookup
     resolved.append(os.path.abspath(found[0]))
-  gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
+  with _syntax_errors("in a gin file"):
+    gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
   check_macro_bindings(bindings)
-  gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
+  with _syntax_errors("in a --gin. binding (strings need inner quotes: "
+                      "--gin.MODEL_DIR=\"'/path'\")"):
+    gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
   try:
     gin.finalize()
   except ValueError as e:

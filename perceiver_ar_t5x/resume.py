@@ -34,8 +34,12 @@ def restore_or_init(model: PerceiverARModel, ckpt: checkpoints.Checkpointer,
     newest = ckpt.steps()[-1]
     checkpoints.check_meta(ckpt.try_meta(newest), model, f"{ckpt.directory}/{newest}")
     if fresh_optimizer is not None and _params_only(ckpt, newest):
-      restored = ckpt.restore_step(newest, {"params": abstract.params}, partial=True,
-                                   meta=meta)
+      # a reader of its own: a partial restore registers a handler the trainer's saves
+      # of the whole state would clash with
+      reader = checkpoints.Checkpointer(ckpt.model_dir, read_only=True)
+      restored = reader.restore_step(newest, {"params": abstract.params}, partial=True,
+                                     meta=meta)
+      reader.close()
       if restored is None:
         raise checkpoints.CheckpointError(f"checkpoint {newest} in {ckpt.directory} is "
                                           f"unreadable")

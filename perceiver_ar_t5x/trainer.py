@@ -12,6 +12,7 @@ loss stops the run before anything is saved, so the last good checkpoint stays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -139,10 +140,9 @@ class _Loop:
   def save(self, step: int, force: bool = False) -> None:
     """Saves the state and this process's input position, captured now (before the next
     batch is drawn), so even an asynchronous save stores the position of `step`."""
-    if force and step in self.ckpt.steps():
-      return
-    self.ckpt.save(step, self.state, dict(self.meta, step=step), force=force,
-                   data=self.batches.save())
+    if not (force and step in self.ckpt.steps()):
+      self.ckpt.save(step, self.state, dict(self.meta, step=step), force=force,
+                     data=self.batches.save())
 
 
 def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
@@ -183,14 +183,13 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   rules = pt.logical_axis_rules(partitioning_cfg)
   abstract, part = training.state_layout(model, optimizer, length, mesh, rules)
   logging.info("%s parameters, %s; per-parameter sharding in %s/model-info.txt",
-               f"{training.param_count(abstract.params):,}",
-               pt.mesh_summary(mesh), model_dir)
+               f"{training.param_count(abstract.params):,}", pt.mesh_summary(mesh), model_dir)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint_cfg)
   meta = checkpoints.model_meta(model, 0, config_values)
-  start, state, position = resume.restore_or_init(model, ckpt, abstract, meta, lambda: (
-      training.create_state(model, optimizer, jax.random.fold_in(seed_rng, 0), length, mesh,
-                            rules)[0]), lambda params, step: training.with_optimizer(
-                                params, step, optimizer, part))
+  start, state, position = resume.restore_or_init(
+      model, ckpt, abstract, meta, lambda: training.create_state(
+          model, optimizer, jax.random.fold_in(seed_rng, 0), length, mesh, rules)[0],
+      functools.partial(training.with_optimizer, optimizer=optimizer, part=part))
   write_model_info(model_dir, state, part)
   layout = pt.data_layout(mesh)  # processes holding the same batch rows read the same data
   ds = datasets.get_dataset(train_cfg, shard_index=layout.shard_index,

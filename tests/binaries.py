@@ -53,14 +53,15 @@ def checkpoint_files(model_dir: pathlib.Path) -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def tiny_gin(*bindings: str) -> Iterator[None]:
-  """tiny.gin parsed in this process as the train binary would (gin cleared after)."""
+def tiny_gin(*bindings: str, files: tuple[str, ...] = ("gin/tiny.gin",)) -> Iterator[None]:
+  """tiny.gin (or `files`) parsed in this process as the train binary would (gin cleared
+  after)."""
   from perceiver_ar_t5x import gin_utils, trainer
   gin.clear_config()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sys.modules["__main__"], "train", trainer.train, raising=False)
     try:
-      gin_utils.parse_gin(["gin/tiny.gin"], list(bindings), [str(REPO / "gin")])
+      gin_utils.parse_gin(list(files), list(bindings), [str(REPO / "gin")])
       yield
     finally:
       gin.clear_config()

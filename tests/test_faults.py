@@ -35,6 +35,13 @@ def parse(monkeypatch):
   gin.clear_config()
 
 
+def test_unquoted_string_binding_is_a_config_error_naming_it(parse):
+  """`--gin.MODEL_DIR=/tmp/x` (no inner quotes) was a gin SyntaxError traceback."""
+  with pytest.raises(gin_utils.ConfigError, match=r"in a --gin\. binding .*inner quotes.*"
+                                                   r"'MODEL_DIR = /tmp/x'"):
+    parse(["gin/tiny.gin"], ["MODEL_DIR = /tmp/x"])
+
+
 @pytest.mark.parametrize("files,bindings,macro", [
     (["gin/tiny.gin"], [], "MODEL_DIR"),
     (["gin/tiny.gin", "gin/eval.gin"], [], "CHECKPOINT_PATH"),

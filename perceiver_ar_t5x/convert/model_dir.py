@@ -15,6 +15,7 @@ import enum
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -94,11 +95,10 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def check_params(module: PerceiverAR, params: dict[str, Any]) -> None:
   """Raises ConversionError unless params has exactly the module's names and shapes."""
-  import flax.linen as nn
   abstract = jax.eval_shape(lambda r: PerceiverARModel(module).init(r, module.num_latents),
                             jax.random.key(0))
   want = {k: tuple(v.shape) for k, v in _flat(nn.unbox(abstract)).items()}
-  got = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
+  got = {k: tuple(np.shape(v)) for k, v in _flat(nn.unbox(params)).items()}
   for name in sorted(want.keys() | got.keys()):
     if want.get(name) != got.get(name):
       raise ConversionError(f"converted params do not fit the model: {name} is "
@@ -114,7 +114,7 @@ def write_model_dir(model_dir: str, converted: Converted) -> str:
   if ckpt.steps():
     raise ConversionError(f"{ckpt.directory} already has checkpoints {ckpt.steps()}; "
                           f"convert into a new MODEL_DIR")
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), converted.params)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), nn.unbox(converted.params))
   state = {"step": np.asarray(converted.step, np.int32), "params": params}
   meta = checkpoints.model_meta(model, converted.step)
   meta["converted_from"] = converted.source

@@ -72,7 +72,7 @@ class LatentQuery(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                               (pt.EMBED, pt.EMBED)),
+                                               (pt.EMBED, pt.JOINED_KV)),
         (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (pt.EMBED,)),
                       (self.features,), jnp.float32)
