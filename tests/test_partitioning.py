@@ -17,6 +17,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x import training
+from perceiver_ar_t5x.layers.block import BlockOptions, CrossKvNorm
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
+from perceiver_ar_t5x.layers.mlp import Activation
+from perceiver_ar_t5x.layers.norms import NormKind
 from perceiver_ar_t5x.models import CroppingMethod, PerceiverARModel
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
 
@@ -181,3 +185,30 @@ def test_describe_lists_the_mesh_and_every_param():
   assert "['layers_0']['attention']['query']: ('embed', 'heads', 'kv') -> (None, 'model', None)" \
       in lines
   assert len(lines) == 1 + len(jax.tree.leaves(part.state_sharding.params))
+
+
+BLOCK_OPTIONS = {
+    "official": dict(block=BlockOptions(norm=NormKind.LAYER, use_bias=True, gated_mlp=False,
+                                        activation=Activation.SQUARED_RELU,
+                                        cross_kv_norm=CrossKvNorm.SEPARATE),
+                     latent_query_projection=True, output_bias=True),
+    "krasserm": dict(block=BlockOptions(norm=NormKind.LAYER, use_bias=True, gated_mlp=False,
+                                        activation=Activation.GELU,
+                                        cross_kv_norm=CrossKvNorm.PREFIX),
+                     position_encoding=PositionEncoding.LEARNED, rotary_layers=1,
+                     tie_embeddings=True, output_bias=True, final_norm=False, cross_mlp_dim=12),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BLOCK_OPTIONS))
+def test_block_options_do_not_depend_on_the_mesh(name):
+  """Every option's params carry logical axes that shard (fsdp + model axis) to the same
+  numbers as one device."""
+  model = divisible_model(dropout_rate=0.1, prefix_dropout=0.3, **BLOCK_OPTIONS[name])
+  ref_loss, ref_grads, _ = loss_and_grads(model, (1, 1))
+  cfg = pt.PartitioningConfig(num_partitions=2, fsdp=True)
+  loss, grads, specs = loss_and_grads(model, (4, 2), cfg)
+  assert abs(loss - ref_loss) <= 1e-6
+  assert max_diff(grads, ref_grads) <= 1e-6
+  assert specs["layers_0"]["attention"]["query_bias"] == ("model", None)
