@@ -2,7 +2,8 @@ r"""Converts Perceiver AR checkpoints from other code bases into a MODEL_DIR, an
 
   python -m perceiver_ar_t5x.convert --from=official /path/checkpoint.dill \
       --config=/path/official_config.json --model_dir=/tmp/official_copy
-  python -m perceiver_ar_t5x.convert --from=krasserm /path/hub_folder --model_dir=/tmp/clm
+  python -m perceiver_ar_t5x.convert --from=krasserm /path/hub_folder --model_dir=/tmp/clm \
+      --vocab=bytes   # onto our byte tasks' ids (midi: maestro_midi's)
   python -m perceiver_ar_t5x.convert --from=t5x gs://bucket/run/checkpoint_100000 \
       --num_heads=8 --num_latents=1024 --model_dir=/tmp/t5x_run
   python -m perceiver_ar_t5x.convert --from=safetensors /path/exported --model_dir=/tmp/m
@@ -38,6 +39,9 @@ _CONFIG = flags.DEFINE_string(
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "t5x: attention heads (not in the "
                                   "checkpoint; read from the run's config.gin if present).")
 _NUM_LATENTS = flags.DEFINE_integer("num_latents", None, "t5x: latents (likewise).")
+_VOCAB = flags.DEFINE_enum(
+    "vocab", None, ["bytes", "midi"], "krasserm: re-index the model's ids onto this "
+    "project's byte (text_bytes, pg19_bytes) or MIDI (maestro_midi) vocabulary.")
 _EXPORT = flags.DEFINE_string("export", None, "Export this MODEL_DIR (or checkpoint) as "
                               "model.safetensors + config.json into --out_dir.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where --export writes.")
@@ -76,6 +80,11 @@ def main(argv: list[str]) -> None:
           f"usage: python -m perceiver_ar_t5x.convert --from={{{','.join(SOURCES)}}} SOURCE "
           f"--model_dir=NEW_MODEL_DIR (got arguments {argv[1:]})")
     converted = _load(_FROM.value, argv[1])
+    if _VOCAB.value:
+      if _FROM.value != "krasserm":
+        raise gin_utils.ConfigError("--vocab re-indexes krasserm models only")
+      from perceiver_ar_t5x.convert import vocab
+      converted = vocab.remap_krasserm(converted, _VOCAB.value)
     gin_path = model_dir.write_model_dir(_MODEL_DIR.value, converted)
     for line in converted.report:
       print(line)
