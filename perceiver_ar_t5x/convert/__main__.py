@@ -34,8 +34,9 @@ SOURCES = ("official", "krasserm", "t5x", "safetensors")
 _FROM = flags.DEFINE_enum("from", None, SOURCES, "Where the checkpoint comes from.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The new MODEL_DIR to write.")
 _CONFIG = flags.DEFINE_string(
-    "config", None, "official: JSON of the model settings the params do not show "
-    "(num_heads, num_latents, position_encoding, max_wavelength, ...).")
+    "config", None, "official: JSON of the model settings the params do not show, in the "
+    "official perceiver_ar_kwargs names (num_cross_attend_heads, num_transformer_heads, "
+    "z_index_dim, max_wavelength, ...; a reference.json or experiment config works too).")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "t5x: attention heads (not in the "
                                   "checkpoint; read from the run's config.gin if present).")
 _NUM_LATENTS = flags.DEFINE_integer("num_latents", None, "t5x: latents (likewise).")
