@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver_ar_t5x.decode_cache import CachedDecoder, DecodeCache
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.models import PerceiverARModel
 
 
@@ -192,6 +193,12 @@ def decode(model: PerceiverARModel, params: Any, prompts: np.ndarray,
   """
   inputs, targets, lengths, ends = prepare(prompts, prompt_lengths, max_new_tokens,
                                            num_decodes)
+  module = model.module
+  if (module.position_encoding == PositionEncoding.LEARNED
+      and int(ends.max(initial=0)) > module.max_length):
+    raise ValueError(f"prompt + new tokens reach {int(ends.max())} positions, beyond the "
+                     f"learned position table (max_length={module.max_length}); use shorter "
+                     f"prompts or fewer new tokens")
   decoder = CachedDecoder(model.module, inputs.shape[1], fill)
   out = compiled_decode(decoder, cfg, record_logits)(params, inputs, targets, lengths, ends, rng)
   out = jax.device_get(out)

@@ -153,3 +153,15 @@ def test_infer_refuses_more_tokens_than_learned_positions():
   with pytest.raises(inference.InferenceError, match="exceed the 12 learned positions"):
     list(inference.generate(PerceiverARModel(module), None, [prompt], max_new_tokens=6,
                             total_length=10, batch_size=1, rng=jax.random.key(0)))
+
+
+def test_decode_refuses_positions_beyond_the_learned_table():
+  """The library call, not only the infer binary: a clipped position would be silent."""
+  from perceiver_ar_t5x.layers.embedding import PositionEncoding
+  from perceiver_ar_t5x.perceiver_ar import PerceiverAR
+  module = PerceiverAR(vocab_size=13, num_latents=4, embed_dim=12, num_heads=3, head_dim=8,
+                       mlp_dim=20, num_layers=1, max_length=12,
+                       position_encoding=PositionEncoding.LEARNED)
+  with pytest.raises(ValueError, match="beyond the learned position table"):
+    decoding.decode(PerceiverARModel(module), None, np.ones((1, 8), np.int32), np.array([8]), 5,
+                    jax.random.key(0))
