@@ -23,11 +23,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from perceiver_ar_t5x import checkpoints, fileio
+from perceiver_ar_t5x.convert import torch_files
 from perceiver_ar_t5x.convert.model_dir import (
   ConversionError,
   Converted,
@@ -41,9 +41,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "perceiver_ar_t5x"
 FORMAT_VERSION = 1
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16)}
 _ALIGN = 8  # the header is padded with spaces to this (as the safetensors package does)
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's limit
 _OBJECTIVE_FIELDS = ("z_loss", "label_smoothing", "cropping")  # in describe_fields, not ours
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -72,42 +70,11 @@ def write_safetensors(path: str, arrays: dict[str, np.ndarray],
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """{name: float32 array} of a safetensors file (F32, F16 or BF16 tensors)."""
+  """{name: float32 array} of a safetensors file (torch_files.read_safetensors checks it)."""
   with fileio.gfile.GFile(path, "rb") as f:
     data = f.read()
-  what = f"{path} is not a safetensors file"
-  if len(data) < 8:
-    raise ConversionError(f"{what}: {len(data)} bytes")
-  (size,) = struct.unpack("<Q", data[:8])
-  if size > min(len(data) - 8, _MAX_HEADER):
-    raise ConversionError(f"{what}: its header length {size} exceeds the file ({len(data)} "
-                          f"bytes; truncated or corrupt?)")
-  try:
-    header = json.loads(data[8:8 + size])
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConversionError(f"{what}: its header is not JSON ({type(e).__name__} at byte "
-                          f"{getattr(e, 'pos', getattr(e, 'start', '?'))})") from None
-  if not isinstance(header, dict):
-    raise ConversionError(f"{what}: its header is a JSON {type(header).__name__}, not an object")
-  body, out = memoryview(data)[8 + size:], {}
-  for name, info in header.items():
-    if name != "__metadata__":
-      out[name] = _tensor(body, name, info, what)
-  return out
-
-
-def _tensor(body: memoryview, name: str, info: Any, what: str) -> np.ndarray:
-  try:
-    dtype, shape = _DTYPES[info["dtype"]], tuple(int(n) for n in info["shape"])
-    begin, end = (int(n) for n in info["data_offsets"])
-  except (KeyError, TypeError, ValueError):
-    raise ConversionError(f"{what}: tensor {name!r} has the entry {str(info)[:80]} (expected "
-                          f"dtype {'/'.join(_DTYPES)}, shape, data_offsets)") from None
-  count = int(np.prod(shape, dtype=np.int64))
-  if not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
-    raise ConversionError(f"{what}: tensor {name!r} {info['dtype']}{list(shape)} has "
-                          f"data_offsets {[begin, end]}, the data is {len(body)} bytes")
-  return np.frombuffer(body[begin:end], dtype).reshape(shape).astype(np.float32)
+  return {k: np.asarray(v, np.float32) for k, v in
+          torch_files.read_safetensors(data, path).items()}
 
 
 def _checkpoint_step(path: str) -> tuple[checkpoints.Checkpointer, int]:

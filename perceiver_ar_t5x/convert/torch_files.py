@@ -31,6 +31,9 @@ _STORAGES = {"DoubleStorage": "f8", "FloatStorage": "f4", "HalfStorage": "f2",
              "ShortStorage": "i2", "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "?"}
 
 
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's limit
+
+
 class WeightsError(ConversionError):
   """A file that is not a weights file this reader knows, or one it refuses to unpickle."""
 
@@ -46,27 +49,43 @@ def _frombuffer(buf: bytes, dtype: str, byteorder: str = "<") -> np.ndarray:
 
 
 def read_safetensors(data: bytes, name: str = "safetensors") -> dict[str, np.ndarray]:
-  """{tensor name: array} from the bytes of a .safetensors file."""
+  """{tensor name: array} from the bytes of a .safetensors file (bf16 widened to float32).
+
+  The one safetensors reader (krasserm imports and our own exports): every entry's dtype,
+  shape and data offsets are checked against the data, so a truncated or corrupt file is
+  one error naming the tensor.
+  """
   if len(data) < 8:
     raise WeightsError(f"{name}: too short for a safetensors file ({len(data)} bytes)")
   (size,) = struct.unpack("<Q", data[:8])
+  what = f"{name} is neither a safetensors file nor a torch.save zip"
+  if size > min(len(data) - 8, _MAX_HEADER):
+    raise WeightsError(f"{what}: its header length {size} exceeds the file ({len(data)} bytes;"
+                       f" truncated or corrupt?)")
   try:
-    header = json.loads(data[8:8 + size]) if size <= len(data) - 8 else None
+    header = json.loads(data[8:8 + size])
   except (UnicodeDecodeError, json.JSONDecodeError):
-    header = None
+    raise WeightsError(f"{what}: its header is not JSON") from None
   if not isinstance(header, dict):
-    raise WeightsError(f"{name} is neither a safetensors file nor a torch.save zip")
-  base, out = 8 + size, {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    if info.get("dtype") not in _SAFETENSORS_DTYPES:
-      raise WeightsError(f"{name}: tensor {key} has dtype {info.get('dtype')}; known: "
-                         f"{sorted(_SAFETENSORS_DTYPES)}")
-    start, end = info["data_offsets"]
-    flat = _frombuffer(data[base + start:base + end], _SAFETENSORS_DTYPES[info["dtype"]])
-    out[key] = flat.reshape(info["shape"]).copy()
-  return out
+    raise WeightsError(f"{what}: its header is a JSON {type(header).__name__}, not an object")
+  body = memoryview(data)[8 + size:]
+  return {key: _safetensor(body, key, info, name) for key, info in header.items()
+          if key != "__metadata__"}
+
+
+def _safetensor(body: memoryview, key: str, info: Any, name: str) -> np.ndarray:
+  try:
+    dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(n) for n in info["shape"])
+    begin, end = (int(n) for n in info["data_offsets"])
+  except (KeyError, TypeError, ValueError):
+    raise WeightsError(f"{name}: tensor {key} has the entry {str(info)[:80]} (expected dtype "
+                       f"one of {sorted(_SAFETENSORS_DTYPES)}, shape, data_offsets)") from None
+  itemsize = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+  count = int(np.prod(shape, dtype=np.int64))
+  if not 0 <= begin <= end <= len(body) or end - begin != count * itemsize:
+    raise WeightsError(f"{name}: tensor {key} {info['dtype']}{list(shape)} has data_offsets "
+                       f"{[begin, end]}, the data is {len(body)} bytes")
+  return _frombuffer(body[begin:end], dtype).reshape(shape).copy()
 
 
 class _StorageType:
