@@ -148,6 +148,8 @@ def test_infer_on_a_midi_task_writes_prompt_and_continuation_apart(tmp_path):
 
 
 @pytest.mark.slow
+# 2 processes; eval's 2 == 1 test and the multihost process-0-only write test cover the path
+@pytest.mark.extended
 def test_infer_on_two_processes_writes_the_outputs_of_one_from_process_zero(trained, tmp_path):
   """Every process samples (the params are sharded over both); only process 0 writes.
 
