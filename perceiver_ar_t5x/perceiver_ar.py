@@ -10,7 +10,6 @@ latent positions only.
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import flax.linen as nn
@@ -30,61 +29,13 @@ from perceiver_ar_t5x.layers.embedding import (
   sinusoidal_positions,
 )
 from perceiver_ar_t5x.layers.norms import Norm
-
-
-class RematPolicy(enum.Enum):
-  """What each block keeps for the backward pass (jax.checkpoint policies).
-
-  NONE: keep everything (no recomputation; most memory).
-  FULL: keep only the block inputs; recompute the whole block.
-  DOTS: keep matmul outputs, recompute elementwise ops.
-  DOTS_NO_BATCH: keep only matmuls without batch dims (projections, MLP), recompute
-    attention scores (the usual choice for long sequences).
-  """
-
-  NONE = "none"
-  FULL = "full"
-  DOTS = "dots"
-  DOTS_NO_BATCH = "dots_no_batch"
-
-
-_POLICIES = {
-    RematPolicy.FULL: None,
-    RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
-    RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class _FieldBlock(Block):
-  """A Block whose `deterministic` is a field, so remat/scan never trace the flag."""
-
-  deterministic: bool = True
-
-  def __call__(self, x: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None,
-               kv_x: jax.Array | None = None, k_pos: jax.Array | None = None,
-               k_seg: jax.Array | None = None, kv_is_latent: jax.Array | None = None
-               ) -> jax.Array:
-    return super().__call__(x, q_pos, q_seg, kv_x, k_pos, k_seg, kv_is_latent,
-                            deterministic=self.deterministic)
-
-
-class _ScannedBlock(_FieldBlock):
-  """A latent self-attention block in nn.scan's (carry, x) -> (carry, y) form."""
-
-  def __call__(self, x: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None
-               ) -> tuple[jax.Array, None]:
-    return super().__call__(x, q_pos, q_seg), None
-
-
-def latent_layer_params(params: Any, index: int) -> Any:
-  """Params of latent block `index` (1..num_layers-1) under either layer layout.
-
-  Unrolled models store `layers_{index}`; scanned models (scan_layers=True) store
-  all latent blocks stacked on a leading axis under `latent_layers`.
-  """
-  if "latent_layers" in params:
-    return jax.tree_util.tree_map(lambda p: p[index - 1], params["latent_layers"])
-  return params[f"layers_{index}"]
+from perceiver_ar_t5x.layers.stack import (
+  POLICIES,
+  FieldBlock,
+  RematPolicy,
+  ScannedBlock,
+  latent_layer_params,
+)
 
 
 class PerceiverAR(nn.Module):
@@ -183,10 +134,10 @@ class PerceiverAR(nn.Module):
   def _remat(self, cls: type[nn.Module], **kwargs: Any) -> type[nn.Module]:
     if self.remat_policy == RematPolicy.NONE:
       return cls
-    return nn.remat(cls, policy=_POLICIES[self.remat_policy], **kwargs)
+    return nn.remat(cls, policy=POLICIES[self.remat_policy], **kwargs)
 
   def _block(self, index: int, deterministic: bool) -> Block:
-    return self._remat(_FieldBlock)(**self.block_kwargs(index), deterministic=deterministic,
+    return self._remat(FieldBlock)(**self.block_kwargs(index), deterministic=deterministic,
                                     name=f"layers_{index}")
 
   def _latent_stack(self, h: jax.Array, lat_pos: jax.Array, lat_seg: jax.Array | None,
@@ -198,7 +149,7 @@ class PerceiverAR(nn.Module):
       return h
     if self.num_layers < 2:
       return h
-    scanned = nn.scan(self._remat(_ScannedBlock, prevent_cse=False),
+    scanned = nn.scan(self._remat(ScannedBlock, prevent_cse=False),
                       variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers - 1,
                       metadata_params={nn.PARTITION_NAME: pt.LAYERS})

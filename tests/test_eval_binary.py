@@ -11,7 +11,7 @@ import pytest
 from perceiver_ar_t5x import checkpoints, datasets, documents, evaluation, tasks
 from perceiver_ar_t5x.evaluation import ScoringMode
 from tests import binaries, test_multihost
-from tests.conftest import REPO, binary_env
+from tests.conftest import FAST_COMPILE, REPO, binary_env
 from tests.test_whole_split import end_stride_1, end_stride_latents, reference_nll
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,8 @@ def test_two_processes_give_the_metrics_of_one(trained, tmp_path):
                         f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'one'}'")
   assert single.returncode == 0, single.stderr[-3000:]
   address = f"127.0.0.1:{test_multihost.free_port()}"
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
+         "JAX_PLATFORMS": "cpu"}
   command = binaries.command("eval", f"--gin.CHECKPOINT_PATH='{trained}'", *args,
                              f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'two'}'",
                              f"--coordinator_address={address}", "--process_count=2")

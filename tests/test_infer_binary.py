@@ -158,13 +158,14 @@ def test_infer_on_two_processes_writes_the_outputs_of_one_from_process_zero(trai
   import os
   import subprocess
 
-  from tests.conftest import REPO, binary_env
+  from tests.conftest import FAST_COMPILE, REPO, binary_env
   from tests.test_multihost import free_port
   args = (f"--gin.CHECKPOINT_PATH='{trained}'", "--gin.INFER_MAX_EXAMPLES=3",
           "--gin.INFER_BATCH_SIZE=4")
   single = binaries.run("infer", *args, f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'one'}'")
   assert single.returncode == 0, single.stderr[-3000:]
-  env = {**binary_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**binary_env(),
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
          "JAX_PLATFORMS": "cpu"}
   address = f"127.0.0.1:{free_port()}"
   procs = [subprocess.Popen(

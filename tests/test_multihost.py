@@ -30,7 +30,7 @@ import pytest
 from perceiver_ar_t5x import datasets
 from perceiver_ar_t5x.tasks import copy
 from tests import binaries
-from tests.conftest import REPO, binary_env
+from tests.conftest import FAST_COMPILE, REPO, binary_env
 
 STEPS = 6
 SAME_BATCHES = ("--gin.train/datasets.DatasetConfig.shard_global_batches=True",
@@ -65,7 +65,8 @@ def spawn_two(model_dir: pathlib.Path, *args: str) -> list[subprocess.Popen]:
                              f"--coordinator_address={address}", "--process_count=2")
   procs = []
   for i in range(2):
-    env = {**binary_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**binary_env(),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
            "JAX_PLATFORMS": "cpu", "PROCESS": str(i),
            "WRITES_LOG": str(model_dir.parent / "writes.log")}
     procs.append(subprocess.Popen(
