@@ -21,13 +21,11 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from perceiver_ar_t5x import checkpoints, fileio
-from perceiver_ar_t5x.convert import torch_files
+from perceiver_ar_t5x.convert import model_dir, torch_files
 from perceiver_ar_t5x.convert.model_dir import (
   ConversionError,
   Converted,
@@ -44,11 +42,6 @@ FORMAT_VERSION = 1
 _ALIGN = 8  # the header is padded with spaces to this (as the safetensors package does)
 _OBJECTIVE_FIELDS = ("z_loss", "label_smoothing", "cropping")  # in describe_fields, not ours
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def _flat_params(params: Any) -> dict[str, np.ndarray]:
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(k.key) for k in path): np.asarray(v, np.float32) for path, v in leaves}
 
 
 def write_safetensors(path: str, arrays: dict[str, np.ndarray],
@@ -113,7 +106,8 @@ def export_safetensors(model_dir_or_checkpoint: str, out_dir: str) -> list[str]:
   module, _ = module_from_fields(meta["model"], step_dir)
   params, _, _ = checkpoints.load_params(PerceiverARModel(module), step_dir, module.num_latents)
   fileio.gfile.makedirs(out_dir)
-  write_safetensors(paths[0], _flat_params(params), {"format": "flax", "producer": FORMAT})
+  arrays = {k: np.asarray(v, np.float32) for k, v in model_dir.flatten(params).items()}
+  write_safetensors(paths[0], arrays, {"format": "flax", "producer": FORMAT})
   source = meta.get("converted_from") or f"{FORMAT} {ckpt.model_dir} step {step}"  # provenance
   config = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "source": source, "model": describe_fields(module)}
@@ -198,7 +192,7 @@ def load_safetensors(path: str) -> Converted:
     raise ConversionError(f"{config_path}: format_version {config.get('format_version')!r}; "
                           f"this reader knows {FORMAT_VERSION}")
   module, taken = module_from_fields(config.get("model") or {}, config_path)
-  params = traverse_util.unflatten_dict(read_safetensors(weights), sep="/")
+  params = model_dir.nest(read_safetensors(weights))
   check_params(module, params)
   report = [f"read {weights} ({FORMAT} export, format version {FORMAT_VERSION})", *taken]
   return Converted(module=module, params=params, step=int(config.get("step", 0)),

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from perceiver_ar_t5x import fileio
-from perceiver_ar_t5x.convert import torch_files
+from perceiver_ar_t5x.convert import model_dir, torch_files
 from perceiver_ar_t5x.convert.model_dir import ConversionError, Converted, check_params
 from perceiver_ar_t5x.layers import rotary
 from perceiver_ar_t5x.layers.block import BlockOptions, CrossKvNorm
@@ -180,7 +180,7 @@ def convert_params(raw: Mapping[str, np.ndarray], cfg: Mapping[str, Any], module
     which = f"unknown key {unknown[0]}" if unknown else f"missing key {missing[0]}"
     raise ConversionError(f"not a krasserm Perceiver AR state_dict for this config: {which} "
                           f"({len(unknown)} unknown, {len(missing)} missing)")
-  transforms, params, report, zeros = _transforms(module, r), {}, [], []
+  transforms, flat, report, zeros = _transforms(module, r), {}, [], []
   for src, shape, dst, how in rows:
     if src is not None and raw[src].shape != shape:
       raise ConversionError(f"{PREFIX}{src} is {list(raw[src].shape)}, the config needs "
@@ -199,12 +199,9 @@ def convert_params(raw: Mapping[str, np.ndarray], cfg: Mapping[str, Any], module
       fn, what = transforms[how]
       value = np.asarray(fn(raw[src]), np.float32)
       report.append(f"{PREFIX}{src} {list(shape)} -> {dst} {list(value.shape)}: {what}")
-    node = params
-    for key in dst.split("/")[:-1]:
-      node = node.setdefault(key, {})
-    node[dst.split("/")[-1]] = value
+    flat[dst] = value
   report.append(f"zeros (biases krasserm does not have): {', '.join(zeros)}")
-  return params, report
+  return model_dir.nest(flat), report
 
 
 def _locate(path: str, config: Mapping[str, Any] | str | None

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 
 from perceiver_ar_t5x import checkpoint_match, checkpoints, fileio
 from perceiver_ar_t5x.layers.block import BlockOptions
@@ -88,17 +89,23 @@ def model_gin(module: PerceiverAR, source: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
+  """{"layers_0/attention/query": leaf} of a nested param tree (the converters' names)."""
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `flatten`: '/'-joined names -> the nested tree."""
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def check_params(module: PerceiverAR, params: dict[str, Any]) -> None:
   """Raises ConversionError unless params has exactly the module's names and shapes."""
   abstract = jax.eval_shape(lambda r: PerceiverARModel(module).init(r, module.num_latents),
                             jax.random.key(0))
-  want = {k: tuple(v.shape) for k, v in _flat(nn.unbox(abstract)).items()}
-  got = {k: tuple(np.shape(v)) for k, v in _flat(nn.unbox(params)).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract)).items()}
+  got = {k: tuple(np.shape(v)) for k, v in flatten(nn.unbox(params)).items()}
   for name in sorted(want.keys() | got.keys()):
     if want.get(name) != got.get(name):
       raise ConversionError(f"converted params do not fit the model: {name} is "

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from perceiver_ar_t5x import fileio
+from perceiver_ar_t5x.convert import model_dir
 from perceiver_ar_t5x.convert.model_dir import ConversionError, Converted, check_params
 from perceiver_ar_t5x.layers.block import BlockOptions, CrossKvNorm
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
@@ -261,19 +262,16 @@ def convert_params(p: dict[str, np.ndarray], module: PerceiverAR, negate: bool
     which = f"unknown param {unknown[0]}" if unknown else f"missing param {missing[0]}"
     raise ConversionError(f"not an official Perceiver AR model this importer knows: {which} "
                           f"({len(unknown)} unknown, {len(missing)} missing)")
-  transforms, params, report = _transforms(module, negate), {}, []
+  transforms, flat, report = _transforms(module, negate), {}, []
   for src, dst, how in rows:
     fn, what = transforms[how]
     try:
       value = np.asarray(fn(p[src]), np.float32)
     except ValueError as e:
       raise ConversionError(f"{src} {p[src].shape} does not fit {dst}: {e}") from None
-    node = params
-    for key in dst.split("/")[:-1]:
-      node = node.setdefault(key, {})
-    node[dst.split("/")[-1]] = value
+    flat[dst] = value
     report.append(f"{src} {list(p[src].shape)} -> {dst} {list(value.shape)}: {what}")
-  return params, report
+  return model_dir.nest(flat), report
 
 
 def load_official(path: str, config: Mapping[str, Any] | str | None = None) -> Converted:

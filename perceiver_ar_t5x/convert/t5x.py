@@ -24,10 +24,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import traverse_util
 
 from perceiver_ar_t5x import fileio
-from perceiver_ar_t5x.convert import gin_text
+from perceiver_ar_t5x.convert import gin_text, model_dir
 from perceiver_ar_t5x.convert.model_dir import ConversionError, Converted, check_params
 from perceiver_ar_t5x.convert.t5x_format import read_t5x_checkpoint
 from perceiver_ar_t5x.layers.block import BlockOptions
@@ -120,11 +119,6 @@ def _settings(path: str, gin_config: str | None, given: dict[str, int | None]
   return values, report
 
 
-def _flatten(tree: dict[str, Any]) -> dict[str, np.ndarray]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in leaves}
-
-
 def _unstack_scanned(flat: dict[str, np.ndarray], axis: int) -> dict[str, np.ndarray]:
   """`layers_1/...` stacked on `axis` (scan_layers=True) -> layers_1..layers_{L-1}."""
   scale = flat.get("layers_1/pre_mlp_layer_norm/scale")
@@ -205,7 +199,7 @@ def convert_params(flat: dict[str, np.ndarray], module: PerceiverAR
     ours[dst] = value = np.asarray(transforms[how](flat[src].astype(np.float32)), np.float32)
     report.append(f"decoder/{src} {flat[src].dtype}{list(flat[src].shape)} -> {dst} "
                   f"{list(value.shape)}: {how}")
-  params = traverse_util.unflatten_dict(ours, sep="/")
+  params = model_dir.nest(ours)
   if module.scan_layers and module.num_layers > 1:
     latent = [params.pop(f"layers_{i}") for i in range(1, module.num_layers)]
     params["latent_layers"] = jax.tree.map(lambda *xs: np.stack(xs), *latent)
@@ -231,7 +225,7 @@ def load_t5x(path: str, *, num_heads: int | None = None, num_latents: int | None
                           f", found keys {sorted(target)}")
   s, report = _settings(path, gin_config, dict(num_heads=num_heads, num_latents=num_latents,
                                                 max_length=max_length))
-  raw = _flatten(target["decoder"])
+  raw = {k: np.asarray(v) for k, v in model_dir.flatten(target["decoder"]).items()}
   flat = _unstack_scanned(raw, int(s["scan_axis"]))
   for name in ("token_embedder/embedding", "layers_0/self_attention/query/kernel",
                "layers_0/mlp/wo/kernel"):
