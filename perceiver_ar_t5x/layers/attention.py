@@ -93,6 +93,10 @@ class Attention(nn.Module):
       projections (official Perceiver AR, krasserm); T5-style models have none.
     scale_query: multiply queries by head_dim**-0.5 at run time. False for models
       that fold the scale into the query kernel (flaxformer's initialiser does).
+    kv_features: width of the key/value input where it differs from the query rows'
+      (Perceiver IO's cross-attentions: inputs -> latents, latents -> output queries).
+    v_head_dim: per-head value width where it differs from the query/key head_dim
+      (Perceiver IO's separate qk and v channels).
   """
 
   embed_dim: int
@@ -107,6 +111,8 @@ class Attention(nn.Module):
   causal_block: int = 128
   use_bias: bool = False
   scale_query: bool = True
+  kv_features: int | None = None
+  v_head_dim: int | None = None
 
   def setup(self) -> None:
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -114,21 +120,23 @@ class Attention(nn.Module):
     out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                 in_axis=(0, 1), out_axis=2)
     in_shape = (self.embed_dim, self.num_heads, self.head_dim)
+    kv_in = self.kv_features or self.embed_dim
+    v_dim = self.v_head_dim or self.head_dim
     in_axes = (pt.EMBED, pt.HEADS, pt.KV)
 
     def param(name: str, init, shape, axes) -> jax.Array:
       return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
     self.query = param("query", init, in_shape, in_axes)
-    self.key = param("key", init, in_shape, in_axes)
-    self.value = param("value", init, in_shape, in_axes)
-    self.out = param("out", out_init, (self.num_heads, self.head_dim, self.embed_dim),
+    self.key = param("key", init, (kv_in,) + in_shape[1:], in_axes)
+    self.value = param("value", init, (kv_in, self.num_heads, v_dim), in_axes)
+    self.out = param("out", out_init, (self.num_heads, v_dim, self.embed_dim),
                      (pt.HEADS, pt.KV, pt.EMBED))
     if self.use_bias:
       zeros = nn.initializers.zeros
       self.query_bias = param("query_bias", zeros, in_shape[1:], in_axes[1:])
       self.key_bias = param("key_bias", zeros, in_shape[1:], in_axes[1:])
-      self.value_bias = param("value_bias", zeros, in_shape[1:], in_axes[1:])
+      self.value_bias = param("value_bias", zeros, (self.num_heads, v_dim), in_axes[1:])
       self.out_bias = param("out_bias", zeros, (self.embed_dim,), (pt.EMBED,))
     self.dropout = nn.Dropout(self.dropout_rate)
 

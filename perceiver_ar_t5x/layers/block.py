@@ -85,6 +85,11 @@ class Block(nn.Module):
 
   kv_norm: the key/value rows' norm (CrossKvNorm; SHARED for self-attention).
   query_residual: add the attention output to the query rows (else replace them).
+  kv_features, v_head_dim: key/value input width and per-head value width where they
+    differ from embed_dim and head_dim (Perceiver IO's cross-attentions).
+  causal: self-attention masks later positions (Perceiver AR). Perceiver IO's blocks
+    are not causal: every query sees every key whose position is <= its own, and its
+    callers pass equal positions (padding is masked by segment ids).
   """
 
   embed_dim: int
@@ -100,6 +105,9 @@ class Block(nn.Module):
   options: BlockOptions = BlockOptions()
   kv_norm: CrossKvNorm = CrossKvNorm.SHARED
   query_residual: bool = True
+  kv_features: int | None = None
+  v_head_dim: int | None = None
+  causal: bool = True
 
   def _norm(self, name: str) -> Norm:
     o = self.options
@@ -116,7 +124,8 @@ class Block(nn.Module):
                                dropout_rate=self.dropout_rate, dtype=self.dtype,
                                kernel=self.attention_kernel,
                                chunk_size=self.attention_chunk_size, use_bias=o.use_bias,
-                               scale_query=o.scale_query)
+                               scale_query=o.scale_query, kv_features=self.kv_features,
+                               v_head_dim=self.v_head_dim)
     self.pre_mlp_norm = self._norm("pre_mlp_norm")
     self.mlp = Mlp(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
                    activation=o.activation, gated=o.gated_mlp, use_bias=o.use_bias)
@@ -169,7 +178,8 @@ class Block(nn.Module):
     else:
       kv_y = self.norm_kv(kv_x)
     a = self.attention(y, kv_y, q_pos, k_pos, q_seg, k_seg, kv_norm=kv_norm,
-                       self_attention=kv_x is None, deterministic=deterministic)
+                       self_attention=kv_x is None and self.causal,
+                       deterministic=deterministic)
     x = nn.with_logical_constraint(self._residual(x, a), (pt.BATCH, pt.LATENTS, pt.EMBED))
     return self._mlp_residual(x, deterministic)
 

@@ -88,7 +88,7 @@ def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
   keep_kv: also return the full-length k, v [batch, k_len, heads, d] (written chunk by
   chunk), so that the backward pass need not project them again.
   """
-  batch, q_len, heads, dim = q.shape
+  batch, q_len, heads, _ = q.shape
   qt = heads_first(q)  # [batch, heads, q, d]
   out_dtype = q.dtype
 
@@ -108,12 +108,13 @@ def _forward(kv_fn: KvFn, chunk: int, q: jax.Array, kv_params: Any, kv_in: Any,
     return m_new, denom * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv, kept
 
   kept = None
+  shapes = jax.eval_shape(kv_fn, kv_params, _take(kv_in, 0, 1), k_pos[:, :1])
   if keep_kv:
-    shapes = jax.eval_shape(kv_fn, kv_params, _take(kv_in, 0, 1), k_pos[:, :1])
     kept = tuple(jnp.zeros((x.shape[0], k_pos.shape[1]) + x.shape[2:], x.dtype) for x in shapes)
+  v_dim = shapes[1].shape[-1]  # may differ from the query/key head dim (Perceiver IO)
   carry = (jnp.full((batch, heads, q_len), -jnp.inf, jnp.float32),
            jnp.zeros((batch, heads, q_len), jnp.float32),
-           jnp.zeros((batch, heads, q_len, dim), jnp.float32), kept)
+           jnp.zeros((batch, heads, q_len, v_dim), jnp.float32), kept)
   m, denom, acc, kept = _loop(update, carry, k_pos.shape[1], chunk)
   out = jnp.swapaxes(acc / denom[..., None], 1, 2).astype(out_dtype)
   return out, m + jnp.log(denom), kept
