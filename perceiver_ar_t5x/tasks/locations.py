@@ -20,6 +20,7 @@ how TFDS itself reads TFDS_DATA_DIR.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from perceiver_ar_t5x.datasets import DataError
@@ -31,12 +32,17 @@ ENV_VARS = {
     "pg19_dir": "PG19_DIR",  # pg19_*: local {train,validation,test}/*.txt (else TFDS)
     "maestro_dir": "MAESTRO_DIR",  # maestro_midi: MAESTRO layout or any .mid directory
     "spm_model": "SPM_MODEL",  # *_spm: path of a SentencePiece .model file
+    "cls_train_files": "CLS_TRAIN_FILES",  # text_classification: text<TAB>label or jsonl
+    "cls_validation_files": "CLS_VALIDATION_FILES",  # optional: else 10% of lines by hash
 }
+LABELS_ENV_VAR = "CLS_LABELS"  # text_classification's label list, comma-separated
 
 _overrides: dict[str, Any] = {}
+_labels: list[tuple[str, ...]] = []  # the configured label list, if any (one entry)
 
 
 def configure(*, task: str | None = None, model_vocab_size: int | None = None,
+              labels: Sequence[str] | None = None, num_classes: int | None = None,
               **locations: str | None) -> str | None:
   """Sets data locations (None = fall back to the env var); returns `task` unchanged.
 
@@ -54,13 +60,35 @@ def configure(*, task: str | None = None, model_vocab_size: int | None = None,
       _overrides.pop(key, None)
     else:
       _overrides[key] = os.fspath(value)
+  if labels is not None:
+    _labels[:] = [_label_tuple(labels)]
   if model_vocab_size is not None and task is not None and task.endswith("_spm"):
     from perceiver_ar_t5x.tasks import vocabularies  # avoids a cycle at import time
     size = vocabularies.spm_vocabulary().vocab_size
     if size > model_vocab_size:
       raise DataError(f"SentencePiece model {get('spm_model')} has {size} pieces but the "
                       f"model's VOCAB_SIZE is {model_vocab_size}; raise VOCAB_SIZE")
+  if num_classes is not None and task is not None:
+    from perceiver_ar_t5x.tasks import classification  # avoids a cycle at import time
+    classification.check_num_classes(task, num_classes)
   return task
+
+
+def _label_tuple(labels: Sequence[str] | str) -> tuple[str, ...]:
+  """A label list from gin (a list) or a comma-separated string; empty/duplicates refused."""
+  names = tuple(labels.split(",")) if isinstance(labels, str) else tuple(labels)
+  names = tuple(str(n).strip() for n in names)
+  if not names or "" in names or len(set(names)) != len(names):
+    raise DataError(f"labels must be distinct non-empty names, got {list(names)}")
+  return names
+
+
+def label_names() -> tuple[str, ...] | None:
+  """The configured label list, else $CLS_LABELS (comma-separated), else None."""
+  if _labels:
+    return _labels[0]
+  env = os.environ.get(LABELS_ENV_VAR)
+  return _label_tuple(env) if env else None
 
 
 def get(key: str) -> str | None:
@@ -83,3 +111,4 @@ def require(key: str, task: str) -> str:
 def reset() -> None:
   """Forgets every `configure` override (tests)."""
   _overrides.clear()
+  _labels.clear()
