@@ -28,7 +28,7 @@ Shapes = dict[str, tuple[int, ...]]  # "params/layers_0/attention/query" -> shap
 
 # Module fields flax adds to every linen dataclass; they do not describe the model.
 _FLAX_FIELDS = ("parent", "name")
-_OBJECTIVE_FIELDS = ("z_loss", "label_smoothing", "cropping")
+_OBJECTIVE_FIELDS = ("z_loss", "label_smoothing", "cropping", "mask_id")
 
 
 def jsonable(value: Any) -> Any:
@@ -38,7 +38,8 @@ def jsonable(value: Any) -> Any:
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if f.name not in _FLAX_FIELDS}  # a module field (Perceiver IO's input adapter)
   if isinstance(value, Mapping):
     return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -56,7 +57,7 @@ def model_fields(model: PerceiverARModel) -> dict[str, Any]:
   module = model.module
   fields = {f.name: jsonable(getattr(module, f.name)) for f in dataclasses.fields(module)
             if f.name not in _FLAX_FIELDS}
-  fields.update({k: jsonable(getattr(model, k)) for k in _OBJECTIVE_FIELDS})
+  fields.update({k: jsonable(getattr(model, k)) for k in _OBJECTIVE_FIELDS if hasattr(model, k)})
   return fields
 
 

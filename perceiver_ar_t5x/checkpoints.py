@@ -68,7 +68,7 @@ def model_meta(model: PerceiverARModel, step: int,
                config_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Stored with each checkpoint: every model field and the config (gin macro) values."""
   m = model.module
-  return {"step": step, **{k: getattr(m, k) for k in META_FIELDS},
+  return {"step": step, **{k: getattr(m, k) for k in META_FIELDS if hasattr(m, k)},
           "model": checkpoint_match.model_fields(model),
           "config": checkpoint_match.jsonable(dict(config_values or {}))}
 
@@ -76,7 +76,7 @@ def model_meta(model: PerceiverARModel, step: int,
 def check_meta(meta: dict[str, Any], model: PerceiverARModel, where: str) -> None:
   """Raises CheckpointMismatch naming the first architecture field that differs."""
   for key in META_FIELDS:
-    want = getattr(model.module, key)
+    want = getattr(model.module, key, None)  # Perceiver IO has other fields (in "model")
     if key in meta and meta[key] != want:
       raise CheckpointMismatch(f"checkpoint {where} has {key}={meta[key]} but the config has "
                                f"{key}={want}; use the run's gin file or a fresh MODEL_DIR")

@@ -60,15 +60,51 @@ def feature_converter(task_feature_lengths: Mapping[str, int], pack: bool
   return seqio.LMFeatureConverter(pack=pack)
 
 
+class ClassificationFeatureConverter(seqio.FeatureConverter):
+  """Sequence classification for encoder-only models (Perceiver IO's classifier).
+
+  Task features `inputs` [length] and `targets` [1] (the label id) become
+  `encoder_input_tokens` (padded with 0), `encoder_target_tokens` [1] and
+  `encoder_loss_weights` [1] = 1, so a padded batch row (all zeros) carries no loss.
+  """
+
+  TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                   "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+  MODEL_FEATURES = {"encoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                    "encoder_target_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                    "encoder_loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+  PACKING_FEATURE_DTYPES: dict[str, tf.DType] = {}
+
+  def _convert_features(self, ds: tf.data.Dataset, input_lengths: Mapping[str, int]
+                        ) -> tf.data.Dataset:
+    if self.pack:
+      raise DataError("classification examples are not packed")
+
+    def convert(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      label = ex["targets"][:1]
+      return {"encoder_input_tokens": ex["inputs"], "encoder_target_tokens": label,
+              "encoder_loss_weights": tf.ones_like(label)}
+
+    return self._pack_or_pad(ds, input_lengths).map(
+        convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
+                                ) -> dict[str, int]:
+    return {"encoder_input_tokens": task_feature_lengths["inputs"],
+            "encoder_target_tokens": 1, "encoder_loss_weights": 1}
+
+
 def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1,
-                repeat: bool = True) -> tf.data.Dataset:
+                repeat: bool = True, converter: seqio.FeatureConverter | None = None
+                ) -> tf.data.Dataset:
   """Batched features {decoder_input_tokens, decoder_target_tokens, decoder_loss_weights}.
 
   Prefix-LM tasks (with `inputs`) also get `decoder_causal_attention`, which the
   model ignores: Perceiver AR is causal everywhere.
 
   Each host reads its own shard (`shard_index` of `num_shards`) and batches
-  `batch_size // num_shards` examples.
+  `batch_size // num_shards` examples. `converter`: the model's feature converter
+  (default: the decoder-only one above; a Perceiver IO model passes its own).
   """
   if "targets" not in cfg.task_feature_lengths:
     raise DataError(f"task_feature_lengths needs a 'targets' entry, got "
@@ -82,7 +118,7 @@ def get_dataset(cfg: DatasetConfig, *, shard_index: int = 0, num_shards: int = 1
       shard_info=seqio.ShardInfo(0, 1) if cfg.shard_global_batches else seqio.ShardInfo(
           shard_index, num_shards), try_in_mem_cache=False)
   lengths = {k: int(v) for k, v in cfg.task_feature_lengths.items()}
-  ds = feature_converter(lengths, cfg.pack)(ds, lengths)
+  ds = (converter or feature_converter(lengths, cfg.pack))(ds, lengths)
   ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=repeat)
   if cfg.shard_global_batches and num_shards > 1:
     ds = ds.shard(num_shards, shard_index)  # host i: rows [i*b/n, (i+1)*b/n) of each batch

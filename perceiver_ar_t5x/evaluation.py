@@ -39,6 +39,7 @@ from perceiver_ar_t5x import (
   whole_split,
 )
 from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.io_models import PerceiverIOModel
 
 Batch = Mapping[str, np.ndarray]
 EvalStep = Callable[[Any, Batch], Mapping[str, Any]]
@@ -150,10 +151,23 @@ def last_latents(*, model: models.PerceiverARModel, part: training.Partitioned, 
                  dataset_cfg: datasets.DatasetConfig, max_batches: int | None = None,
                  vocab: seqio.Vocabulary | None = None) -> dict[str, float]:
   """LAST_LATENTS over the split's examples; each process feeds its rows of each batch."""
-  layout = pt.data_layout(part.mesh)
-  ds = datasets.get_dataset(dataset_cfg, repeat=False)  # the whole split on every process
-  batches = itertools.islice(datasets.numpy_batches(ds), max_batches)
   count = byte_counter(vocab, model.num_latents) if vocab is not None else None
+  return split_examples(model=model, part=part, params=params, dataset_cfg=dataset_cfg,
+                        max_batches=max_batches, count=count)
+
+
+def split_examples(*, model: Any, part: training.Partitioned, params: Any,
+                   dataset_cfg: datasets.DatasetConfig, max_batches: int | None = None,
+                   count: Callable[[Batch], int] | None = None) -> dict[str, float]:
+  """Every example of the split once (at most `max_batches` batches), the model's loss.
+
+  The model's own feature converter reads the task (Perceiver IO: masked-LM or
+  classification features); `count` gives the bytes each global batch scores.
+  """
+  layout = pt.data_layout(part.mesh)
+  converter = model.feature_converter(dict(dataset_cfg.task_feature_lengths), dataset_cfg.pack)
+  ds = datasets.get_dataset(dataset_cfg, repeat=False, converter=converter)  # every process
+  batches = itertools.islice(datasets.numpy_batches(ds), max_batches)
   num_bytes = 0
 
   def rows() -> Iterator[dict[str, np.ndarray]]:
@@ -219,6 +233,10 @@ def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets
   `<mode>/<metric>` at the checkpoint's step and `<task>-<split>-<mode>-<step>.json`.
   Returns (metrics, json path).
   """
+  if isinstance(model, PerceiverIOModel):
+    return _evaluate_io(model=model, dataset_cfg=dataset_cfg, checkpoint_path=checkpoint_path,
+                        output_dir=output_dir, max_batches=max_batches,
+                        partitioning_cfg=partitioning_cfg)
   length = datasets.model_length(dataset_cfg.task_feature_lengths)
   if length < model.num_latents:
     raise ValueError(f"TASK_FEATURE_LENGTHS {dict(dataset_cfg.task_feature_lengths)} gives "
@@ -243,4 +261,22 @@ def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets
                        extra={"checkpoint": checkpoint_path, "mode": mode.value,
                               "stride": stride, "max_documents": max_documents,
                               "max_tokens": max_tokens, "max_batches": max_batches})
+  return summary, path
+
+
+def _evaluate_io(*, model: PerceiverIOModel, dataset_cfg: datasets.DatasetConfig,
+                 checkpoint_path: str, output_dir: str | None, max_batches: int | None,
+                 partitioning_cfg: pt.PartitioningConfig) -> tuple[dict[str, float], str]:
+  """A Perceiver IO checkpoint on every example of the split: masked-token or
+  classification accuracy and loss (`examples/<metric>` scalars and JSON)."""
+  length = model.check_lengths(dataset_cfg.task_feature_lengths)
+  params, step, part = checkpoints.load_params(model, checkpoint_path, length, partitioning_cfg)
+  summary = split_examples(model=model, part=part, params=params, dataset_cfg=dataset_cfg,
+                           max_batches=max_batches)
+  summary["step"] = float(step)
+  output_dir = output_dir or os.path.join(checkpoints.resolve_path(checkpoint_path)[0], "eval")
+  name = f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}-examples-{step}"
+  path = write_results(summary, output_dir=output_dir, name=name, step=step, prefix="examples",
+                       extra={"checkpoint": checkpoint_path, "mode": "examples",
+                              "max_batches": max_batches})
   return summary, path

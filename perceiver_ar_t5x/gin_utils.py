@@ -72,7 +72,7 @@ def setup_logging() -> None:
 
 def register_enum_constants() -> None:
   """Lets gin files say `%models.CroppingMethod.FULL_LATENTS` (enums, not strings)."""
-  from perceiver_ar_t5x import evaluation, models, optimizers, perceiver_ar
+  from perceiver_ar_t5x import evaluation, models, optimizers, perceiver_ar, perceiver_io
   from perceiver_ar_t5x.layers import attention, block, embedding, mlp, norms
   for module_name, enum_cls in (("models", models.CroppingMethod),
                                 ("norms", norms.NormKind),
@@ -83,7 +83,8 @@ def register_enum_constants() -> None:
                                 ("optimizers", optimizers.ScheduleName),
                                 ("embedding", embedding.PositionEncoding),
                                 ("attention", attention.AttentionKernel),
-                                ("perceiver_ar", perceiver_ar.RematPolicy)):
+                                ("perceiver_ar", perceiver_ar.RematPolicy),
+                                ("perceiver_io", perceiver_io.Head)):
     for member in enum_cls:
       name = f"{module_name}.{enum_cls.__name__}.{member.name}"
       with contextlib.suppress(ValueError):  # already registered

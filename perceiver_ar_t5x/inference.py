@@ -19,8 +19,9 @@ import jax
 import numpy as np
 import seqio
 
-from perceiver_ar_t5x import checkpoints, datasets, decoding, fileio, slicing
+from perceiver_ar_t5x import checkpoints, datasets, decoding, fileio, io_inference, slicing
 from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.io_models import PerceiverIOModel
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.models import PerceiverARModel
 from perceiver_ar_t5x.tasks import files, midi_outputs
@@ -251,6 +252,10 @@ def infer(*, model: PerceiverARModel, checkpoint_path: str, output_dir: str,
   continuation and the prompt as .mid + piano-roll .png (write_sample's fields).
   Every process samples; only process 0 writes (multi-host: the outputs of one).
   """
+  if isinstance(model, PerceiverIOModel):  # one pass per batch: fill masks / predict labels
+    return io_inference.infer(model=model, checkpoint_path=checkpoint_path,
+                              output_dir=output_dir, dataset_cfg=dataset_cfg,
+                              max_examples=max_examples, partitioning_cfg=partitioning_cfg)
   task = dataset_cfg.mixture_or_task_name
   vocab = datasets.get_task(task).output_features["targets"].vocabulary
   kind = task_kind(task, vocab)

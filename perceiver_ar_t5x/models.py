@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import seqio
 
-from perceiver_ar_t5x import slicing
+from perceiver_ar_t5x import datasets, slicing
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
 
 Batch = Mapping[str, jax.Array]
@@ -122,6 +123,10 @@ class PerceiverARModel:
   @property
   def num_latents(self) -> int:
     return self.module.num_latents
+
+  def feature_converter(self, lengths: Mapping[str, int], pack: bool) -> seqio.FeatureConverter:
+    """T5X's decoder-only features (prefix LM when the task has `inputs`)."""
+    return datasets.feature_converter(lengths, pack)
 
   def init(self, rng: jax.Array, length: int, batch_size: int = 1) -> Params:
     tokens = jnp.zeros((batch_size, length), jnp.int32)

@@ -32,12 +32,14 @@ from perceiver_ar_t5x import (
   evaluation,
   fileio,
   inference,
+  io_inference,
   multihost,
   optimizers,
   resume,
   training,
 )
 from perceiver_ar_t5x import partitioning as pt
+from perceiver_ar_t5x.io_models import PerceiverIOModel
 from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.metrics_log import MetricsLog, StepStats
 from perceiver_ar_t5x.models import PerceiverARModel
@@ -66,6 +68,11 @@ def check_lengths(model: PerceiverARModel, lengths: Mapping[str, int]) -> int:
 
   The decoder length is `targets` (+ `inputs` for prefix-LM tasks).
   """
+  if isinstance(model, PerceiverIOModel):
+    try:
+      return model.check_lengths(lengths)
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
   if "targets" not in lengths:
     raise TrainingError(f"TASK_FEATURE_LENGTHS needs a 'targets' entry, got {dict(lengths)}")
   length = datasets.model_length(lengths)
@@ -154,18 +161,27 @@ def _eval_fn(model: PerceiverARModel, part: training.Partitioned,
   def run_eval(step: int, params: Any) -> dict[str, float]:
     if cfg is None:
       return {}
+    if isinstance(model, PerceiverIOModel):  # every example of the split, capped
+      summary = evaluation.split_examples(model=model, part=part, params=params,
+                                          dataset_cfg=cfg, max_batches=loop_cfg.eval_steps)
+      return _log_eval(writer, step, summary)
     if not scorers:
       scorers.append(evaluation.make_scorer(
           model=model, part=part, dataset_cfg=cfg, stride=loop_cfg.eval_stride,
           max_documents=loop_cfg.eval_max_documents, max_tokens=loop_cfg.eval_max_tokens,
           max_batches=loop_cfg.eval_steps))
-    summary = evaluation.whole_split_metrics(params=params, scorer=scorers[0])
-    writer.write_scalars(step, summary)
-    writer.flush()
-    logging.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
-    return summary
+    return _log_eval(writer, step, evaluation.whole_split_metrics(params=params,
+                                                                  scorer=scorers[0]))
 
   return run_eval
+
+
+def _log_eval(writer: metric_writers.MetricWriter, step: int, summary: dict[str, float]
+              ) -> dict[str, float]:
+  writer.write_scalars(step, summary)
+  writer.flush()
+  logging.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+  return summary
 
 
 def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
@@ -193,7 +209,8 @@ def _setup(model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
   write_model_info(model_dir, state, part)
   layout = pt.data_layout(mesh)  # processes holding the same batch rows read the same data
   ds = datasets.get_dataset(train_cfg, shard_index=layout.shard_index,
-                            num_shards=layout.num_shards)
+                            num_shards=layout.num_shards, converter=model.feature_converter(
+                                dict(train_cfg.task_feature_lengths), train_cfg.pack))
   batches = data_state.resumed(ds, f"{train_cfg!r} {layout}", position, start)
   just_log = jax.process_index() > 0
   eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
@@ -293,7 +310,9 @@ def train(*, model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
     final = loop.run_eval(step, loop.state.params)
     sample = {}
     if sample_at_end and train_eval_dataset_cfg is not None:
-      sample = inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
+      sample = (io_inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
+                if isinstance(model, PerceiverIOModel) else
+                inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg))
     loop.ckpt.close()
   loop.writer.close()
   logging.info("Training finished at step %d in %.1fs", step, time.time() - t0)

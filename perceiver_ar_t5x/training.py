@@ -55,9 +55,7 @@ class _Both:
 
 def abstract_params(model: PerceiverARModel, length: int) -> Any:
   """Boxed (LogicallyPartitioned) parameter shapes, without computing anything."""
-  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
-  return jax.eval_shape(lambda r, t: model.module.init({"params": r}, t)["params"],
-                        jax.random.key(0), tokens)
+  return jax.eval_shape(lambda r: model.init(r, length), jax.random.key(0))
 
 
 def state_layout(model: PerceiverARModel, optimizer: optax.GradientTransformation,
@@ -98,7 +96,7 @@ def create_state(model: PerceiverARModel, optimizer: optax.GradientTransformatio
   sharding = part.state_sharding
 
   def init(r: jax.Array) -> Any:
-    return nn.unbox(model.module.init({"params": r}, jnp.zeros((1, length), jnp.int32))["params"])
+    return nn.unbox(model.init(r, length))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = jax.jit(init, out_shardings=sharding.params)(rng)
