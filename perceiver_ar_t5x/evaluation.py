@@ -237,10 +237,7 @@ def evaluate_checkpoint(*, model: models.PerceiverARModel, dataset_cfg: datasets
     return _evaluate_io(model=model, dataset_cfg=dataset_cfg, checkpoint_path=checkpoint_path,
                         output_dir=output_dir, max_batches=max_batches,
                         partitioning_cfg=partitioning_cfg)
-  length = datasets.model_length(dataset_cfg.task_feature_lengths)
-  if length < model.num_latents:
-    raise ValueError(f"TASK_FEATURE_LENGTHS {dict(dataset_cfg.task_feature_lengths)} gives "
-                     f"{length} tokens, fewer than num_latents={model.num_latents}")
+  length = model.check_lengths(dataset_cfg.task_feature_lengths)
   vocab = datasets.get_task(dataset_cfg.mixture_or_task_name).output_features["targets"].vocabulary
   if mode == ScoringMode.WHOLE_SPLIT:
     stride = stride or model.num_latents

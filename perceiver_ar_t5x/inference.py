@@ -204,9 +204,12 @@ def write_predictions(path: str, records: Sequence[dict[str, Any]]) -> None:
   fileio.write_atomic(fileio.absolute(path), [json.dumps(r) + "\n" for r in records])
 
 
-def sample_from_split(model: PerceiverARModel, params: Any, cfg: datasets.DatasetConfig,
-                      seed: int = 0) -> dict[str, Any]:
-  """Greedy-continues the first example's prefix; returns prompt/target/prediction text."""
+def sample_from_split(model: PerceiverARModel | PerceiverIOModel, params: Any,
+                      cfg: datasets.DatasetConfig, seed: int = 0) -> dict[str, Any]:
+  """Greedy-continues the first example's prefix; returns prompt/target/prediction text
+  (a Perceiver IO model: its first example's filled masks or predicted label)."""
+  if isinstance(model, PerceiverIOModel):
+    return io_inference.sample_from_split(model, params, cfg)
   length = datasets.model_length(cfg.task_feature_lengths)
   prompt = next(prompts_from_split(cfg, None, 1, model.num_latents))
   _, cont, _ = next(generate(model, params, [prompt], max_new_tokens=None, total_length=length,
@@ -236,7 +239,7 @@ def _prompts(dataset_cfg: datasets.DatasetConfig, vocab: seqio.Vocabulary,
   return prompts, f"{task}-{split}"
 
 
-def infer(*, model: PerceiverARModel, checkpoint_path: str, output_dir: str,
+def infer(*, model: PerceiverARModel | PerceiverIOModel, checkpoint_path: str, output_dir: str,
           dataset_cfg: datasets.DatasetConfig, prompt_file: str | None = None,
           prompt_length: int | None = None, max_new_tokens: int | None = None,
           max_examples: int | None = 16, seed: int = 0, temperature: float | None = None,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import seqio
 
 from perceiver_ar_t5x import datasets, slicing
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
 
 Batch = Mapping[str, jax.Array]
@@ -123,6 +124,22 @@ class PerceiverARModel:
   @property
   def num_latents(self) -> int:
     return self.module.num_latents
+
+  def check_lengths(self, lengths: Mapping[str, int]) -> int:
+    """Validates TASK_FEATURE_LENGTHS; returns the decoder length (`targets` + `inputs`
+    for prefix-LM tasks). Raises ValueError naming the fix."""
+    if "targets" not in lengths:
+      raise ValueError(f"TASK_FEATURE_LENGTHS needs a 'targets' entry, got {dict(lengths)}")
+    length, n = datasets.model_length(lengths), self.num_latents
+    if length < n:
+      raise ValueError(f"TASK_FEATURE_LENGTHS {dict(lengths)} gives sequences of {length} "
+                       f"tokens, fewer than num_latents={n}; use a length >= {n} or fewer "
+                       f"latents")
+    m = self.module
+    if m.position_encoding == PositionEncoding.LEARNED and length > m.max_length:
+      raise ValueError(f"targets length {length} exceeds the learned position table "
+                       f"(max_length={m.max_length})")
+    return length
 
   def feature_converter(self, lengths: Mapping[str, int], pack: bool) -> seqio.FeatureConverter:
     """T5X's decoder-only features (prefix LM when the task has `inputs`)."""

@@ -32,7 +32,6 @@ from perceiver_ar_t5x import (
   evaluation,
   fileio,
   inference,
-  io_inference,
   multihost,
   optimizers,
   resume,
@@ -40,7 +39,6 @@ from perceiver_ar_t5x import (
 )
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.io_models import PerceiverIOModel
-from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.metrics_log import MetricsLog, StepStats
 from perceiver_ar_t5x.models import PerceiverARModel
 
@@ -63,28 +61,13 @@ class LoopConfig:
   eval_max_tokens: int | None = None
 
 
-def check_lengths(model: PerceiverARModel, lengths: Mapping[str, int]) -> int:
-  """Validates TASK_FEATURE_LENGTHS against the model; returns the decoder length.
-
-  The decoder length is `targets` (+ `inputs` for prefix-LM tasks).
-  """
-  if isinstance(model, PerceiverIOModel):
-    try:
-      return model.check_lengths(lengths)
-    except ValueError as e:
-      raise TrainingError(str(e)) from None
-  if "targets" not in lengths:
-    raise TrainingError(f"TASK_FEATURE_LENGTHS needs a 'targets' entry, got {dict(lengths)}")
-  length = datasets.model_length(lengths)
-  n = model.num_latents
-  if length < n:
-    raise TrainingError(f"TASK_FEATURE_LENGTHS {dict(lengths)} gives sequences of {length} "
-                        f"tokens, fewer than num_latents={n}; use a length >= {n} or fewer latents")
-  module = model.module
-  if module.position_encoding == PositionEncoding.LEARNED and length > module.max_length:
-    raise TrainingError(f"targets length {length} exceeds the learned position table "
-                        f"(max_length={module.max_length})")
-  return length
+def check_lengths(model: PerceiverARModel | PerceiverIOModel, lengths: Mapping[str, int]
+                  ) -> int:
+  """Validates TASK_FEATURE_LENGTHS against the model (its own check); returns its length."""
+  try:
+    return model.check_lengths(lengths)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -310,9 +293,7 @@ def train(*, model: PerceiverARModel, optimizer_cfg: optimizers.OptimizerConfig,
     final = loop.run_eval(step, loop.state.params)
     sample = {}
     if sample_at_end and train_eval_dataset_cfg is not None:
-      sample = (io_inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
-                if isinstance(model, PerceiverIOModel) else
-                inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg))
+      sample = inference.sample_from_split(model, loop.state.params, train_eval_dataset_cfg)
     loop.ckpt.close()
   loop.writer.close()
   logging.info("Training finished at step %d in %.1fs", step, time.time() - t0)

@@ -28,9 +28,6 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from perceiver_ar_t5x import fileio
@@ -187,19 +184,6 @@ def convert_params(raw: Mapping[str, np.ndarray], module: PerceiverIO
   return model_dir.nest(flat), report
 
 
-def check_params(module: PerceiverIO, params: Mapping[str, Any]) -> None:
-  """Raises ConversionError unless params has exactly the module's names and shapes."""
-  ids = jnp.zeros((1, module.num_outputs), jnp.int32)
-  abstract = jax.eval_shape(lambda r: module.init(r, ids), jax.random.key(0))
-  want = {k: tuple(v.shape) for k, v in model_dir.flatten(nn.unbox(abstract["params"])).items()}
-  got = {k: tuple(np.shape(v)) for k, v in model_dir.flatten(nn.unbox(params)).items()}
-  for name in sorted(want.keys() | got.keys()):
-    if want.get(name) != got.get(name):
-      raise ConversionError(f"converted params do not fit the model: {name} is "
-                            f"{got.get(name, 'missing')}, the model needs "
-                            f"{want.get(name, 'no such parameter')}")
-
-
 def _locate(path: str, config: Mapping[str, Any] | str | None
             ) -> tuple[str, Mapping[str, Any] | str]:
   """(weights file, config) for a hub folder or a weights file (config.json beside it)."""
@@ -236,7 +220,7 @@ def load(path: str, config: Mapping[str, Any] | str | None = None) -> Converted:
   with fileio.gfile.GFile(weights, "rb") as f:
     raw = torch_files.read_weights(f.read(), weights)
   params, report = convert_params(raw, module)
-  check_params(module, params)
+  model_dir.check_params(module, params)
   return Converted(module=module, params=params, step=0,
                    source=f"Hugging Face {ARCHITECTURE} {weights}", report=taken + report)
 

@@ -5,7 +5,8 @@ tree, the source's step, and a report of what was mapped); this file is the one 
 turns it into files, so eval, infer and train read a converted model exactly as
 they read one of ours. The params are checked against the module's own abstract
 init first: a converter that produced a wrong name or shape fails here, naming it,
-and nothing is written. An existing checkpoint is never overwritten.
+and nothing is written. An existing checkpoint is never overwritten. Both model
+families are written alike; only their model.gin differs (io_gin.py for Perceiver IO).
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from perceiver_ar_t5x import checkpoint_match, checkpoints, fileio
+from perceiver_ar_t5x.convert import io_gin
+from perceiver_ar_t5x.io_models import PerceiverIOModel
 from perceiver_ar_t5x.layers.block import BlockOptions
 from perceiver_ar_t5x.models import PerceiverARModel
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
+from perceiver_ar_t5x.perceiver_io import Head, PerceiverIO, TokenInput
 
 # PerceiverAR fields that gin/models/perceiver_ar.gin sets through a macro.
 _MACROS = {"vocab_size": "VOCAB_SIZE", "num_latents": "NUM_LATENTS", "embed_dim": "EMBED_DIM",
@@ -45,13 +50,18 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass
 class Converted:
-  """An imported model: our module, its params (numpy, our tree), the step, a report."""
+  """An imported model: our module, its params (numpy, our tree), the step, a report.
 
-  module: PerceiverAR
+  input_shape: an example input shape for the param check; an array-input Perceiver IO
+  needs one (its channel count is no module field, the encoder reads it at init).
+  """
+
+  module: PerceiverAR | PerceiverIO
   params: dict[str, Any]
   step: int
   source: str
   report: list[str] = dataclasses.field(default_factory=list)
+  input_shape: tuple[int, ...] | None = None
 
 
 def gin_value(value: Any) -> str:
@@ -100,10 +110,36 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def check_params(module: PerceiverAR, params: dict[str, Any]) -> None:
+def objective(module: PerceiverAR | PerceiverIO) -> PerceiverARModel | PerceiverIOModel:
+  """The model (module + default objective) whose init and checkpoint meta the binaries use."""
+  if isinstance(module, PerceiverIO):
+    return PerceiverIOModel(module)
+  return PerceiverARModel(module)
+
+
+def _abstract_params(module: PerceiverAR | PerceiverIO,
+                     input_shape: tuple[int, ...] | None) -> Any:
+  """The module's own params as shapes: its init on an example input, nothing computed."""
+  rng = jax.random.key(0)
+  if isinstance(module, PerceiverAR):
+    return jax.eval_shape(lambda r: PerceiverARModel(module).init(r, module.num_latents), rng)
+  adapter = module.input_adapter
+  if isinstance(adapter, TokenInput):
+    length = adapter.max_length
+    if module.head == Head.MLM:  # an MLM decodes one query per input position
+      length = min(length, module.num_outputs)
+    return jax.eval_shape(lambda r: PerceiverIOModel(module).init(r, length), rng)
+  if input_shape is None:
+    raise ConversionError("an array-input Perceiver IO needs an example input shape "
+                          "(Converted.input_shape: [batch, *index_dims, channels])")
+  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  return jax.eval_shape(lambda r, x: module.init({"params": r}, x)["params"], rng, x)
+
+
+def check_params(module: PerceiverAR | PerceiverIO, params: dict[str, Any],
+                 input_shape: tuple[int, ...] | None = None) -> None:
   """Raises ConversionError unless params has exactly the module's names and shapes."""
-  abstract = jax.eval_shape(lambda r: PerceiverARModel(module).init(r, module.num_latents),
-                            jax.random.key(0))
+  abstract = _abstract_params(module, input_shape)
   want = {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract)).items()}
   got = {k: tuple(np.shape(v)) for k, v in flatten(nn.unbox(params)).items()}
   for name in sorted(want.keys() | got.keys()):
@@ -114,9 +150,10 @@ def check_params(module: PerceiverAR, params: dict[str, Any]) -> None:
 
 
 def write_model_dir(model_dir: str, converted: Converted) -> str:
-  """Writes MODEL_DIR/checkpoints/<step> (params only) and MODEL_DIR/model.gin."""
-  check_params(converted.module, converted.params)
-  model = PerceiverARModel(converted.module)
+  """Writes MODEL_DIR/checkpoints/<step> (params only), MODEL_DIR/model.gin and
+  convert-report.txt; returns model.gin's path."""
+  check_params(converted.module, converted.params, converted.input_shape)
+  model = objective(converted.module)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
   if ckpt.steps():
     raise ConversionError(f"{ckpt.directory} already has checkpoints {ckpt.steps()}; "
@@ -128,14 +165,16 @@ def write_model_dir(model_dir: str, converted: Converted) -> str:
   ckpt.save(converted.step, state, meta, force=True)
   ckpt.wait()
   ckpt.close()
-  fileio.write_text(os.path.join(model_dir, "model.gin"),
-                    model_gin(converted.module, converted.source))
+  module = converted.module
+  gin_text = (io_gin.model_gin(module, converted.source) if isinstance(module, PerceiverIO)
+              else model_gin(module, converted.source))
+  fileio.write_text(os.path.join(model_dir, "model.gin"), gin_text)
   fileio.write_text(os.path.join(model_dir, "convert-report.txt"),
                     "\n".join([f"source: {converted.source}", f"step: {converted.step}",
                                *converted.report]) + "\n")
   return os.path.join(model_dir, "model.gin")
 
 
-def describe_fields(module: PerceiverAR) -> dict[str, Any]:
+def describe_fields(module: PerceiverAR | PerceiverIO) -> dict[str, Any]:
   """The module's fields as JSON values (for reports and exported configs)."""
-  return checkpoint_match.model_fields(PerceiverARModel(module))
+  return checkpoint_match.model_fields(objective(module))

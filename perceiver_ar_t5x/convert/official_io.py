@@ -23,9 +23,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from perceiver_ar_t5x import fileio
@@ -261,20 +258,6 @@ def convert_params(p: Mapping[str, np.ndarray], module: PerceiverIO
   return model_dir.nest(flat), report
 
 
-def check_params(module: PerceiverIO, params: Mapping[str, Any], example: tuple[int, ...]) -> None:
-  """Raises ConversionError unless params has exactly the module's names and shapes."""
-  dtype = jnp.int32 if isinstance(module.input_adapter, TokenInput) else jnp.float32
-  abstract = jax.eval_shape(lambda r: module.init(r, jnp.zeros(example, dtype)),
-                            jax.random.key(0))
-  want = {k: tuple(v.shape) for k, v in model_dir.flatten(nn.unbox(abstract["params"])).items()}
-  got = {k: tuple(np.shape(v)) for k, v in model_dir.flatten(params).items()}
-  for name in sorted(want.keys() | got.keys()):
-    if want.get(name) != got.get(name):
-      raise ConversionError(f"converted params do not fit the model: {name} is "
-                            f"{got.get(name, 'missing')}, the model needs "
-                            f"{want.get(name, 'no such parameter')}")
-
-
 def load(path: str, config: Mapping[str, Any] | str | None = None, **overrides: Any
          ) -> Converted:
   """Official Haiku params (params.npz, its folder, or a pickle) as our PerceiverIO.
@@ -294,6 +277,6 @@ def load(path: str, config: Mapping[str, Any] | str | None = None, **overrides: 
   s, report = settings(config, overrides)
   module, example = architecture(raw, s)
   params, rows = convert_params(raw, module)
-  check_params(module, params, example)
-  return Converted(module=module, params=params, step=0,  # type: ignore[arg-type]
-                   source=f"official Perceiver IO {path}", report=report + rows)
+  model_dir.check_params(module, params, example)
+  return Converted(module=module, params=params, step=0, source=f"official Perceiver IO {path}",
+                   report=report + rows, input_shape=example)

@@ -31,11 +31,13 @@ class Embed(nn.Module):
   vocab_size: int
   features: int
   dtype: jnp.dtype = jnp.float32
+  stddev: float = 1.0  # init; 0.02 for Perceiver IO's tied MLM head (HF's initializer_range)
 
   def setup(self) -> None:
     self.embedding = self.param(
         "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), (pt.VOCAB, pt.EMBED)),
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=self.stddev),
+                                     (pt.VOCAB, pt.EMBED)),
         (self.vocab_size, self.features), jnp.float32)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

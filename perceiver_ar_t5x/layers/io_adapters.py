@@ -31,7 +31,9 @@ class TokenInput(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self) -> None:
-    self.token_embed = Embed(self.vocab_size, self.features, dtype=self.dtype)
+    # small init: the same table is the MLM head, and unit-variance rows would start it
+    # with logits of size sqrt(features)
+    self.token_embed = Embed(self.vocab_size, self.features, dtype=self.dtype, stddev=0.02)
     self.positions = LearnedPositions(self.max_length, self.features)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

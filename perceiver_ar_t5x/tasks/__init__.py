@@ -6,7 +6,7 @@ locations lazily (locations.py): set them with `tasks.configure(...)` (gin: see
 gin/tasks/*.gin) or with environment variables (locations.ENV_VARS).
 """
 
-from perceiver_ar_t5x.tasks import c4, classification, copy, maestro, mlm, pg19, text
+from perceiver_ar_t5x.tasks import c4, classification, copy, keywords, maestro, mlm, pg19, text
 from perceiver_ar_t5x.tasks.files import SKIPPED
 from perceiver_ar_t5x.tasks.locations import configure
 
@@ -18,6 +18,6 @@ maestro.register_maestro("maestro_midi")
 mlm.register_text_bytes_mlm("text_bytes_mlm")
 mlm.register_pg19_bytes_mlm("pg19_bytes_mlm")
 classification.register_text_classification("text_classification")
-classification.register_keyword_classification("keyword_classification")
+keywords.register_keyword_classification("keyword_classification")
 
 __all__ = ["SKIPPED", "configure"]

@@ -33,7 +33,7 @@ from perceiver_ar_t5x.tasks import files, locations
 VALIDATION_PERCENT = 10.0
 SUFFIXES = (".tsv", ".txt", ".jsonl")
 SPLITS = ("train", "validation")
-_LABEL_COUNTS: dict[str, Callable[[], int]] = {}  # task -> its number of labels
+LABEL_COUNTS: dict[str, Callable[[], int]] = {}  # task -> its number of labels
 _TRAIN_LABELS: dict[tuple[str, ...], tuple[str, ...]] = {}  # train files -> sorted labels
 Example = tuple[str, str, str, int]  # text, label, path, line number
 
@@ -145,13 +145,18 @@ class LabelVocabulary(seqio.PassThroughVocabulary):
   Tasks register at import, before gin sets the files or the label list.
   """
 
-  def __init__(self, task: str) -> None:
-    self._task = task
+  def __init__(self, task: str, labels: Sequence[str] | None = None) -> None:
+    self._task, self._labels = task, None if labels is None else tuple(labels)
     super().__init__(size=0, eos_id=None)
 
   @property
+  def labels(self) -> tuple[str, ...]:
+    """Label names in id order (infer writes these, not ids)."""
+    return self._labels if self._labels is not None else label_list(self._task)
+
+  @property
   def _base_vocab_size(self) -> int:
-    return len(label_list(self._task))
+    return len(self.labels)
 
   @property
   def size(self) -> int:
@@ -224,7 +229,7 @@ def register_text_classification(name: str = "text_classification") -> seqio.Tas
   """Registers (idempotently) the labelled-lines task (files from tasks.configure)."""
   if name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(name)
-  _LABEL_COUNTS[name] = lambda: len(label_list(name))
+  LABEL_COUNTS[name] = lambda: len(label_list(name))
   return seqio.TaskRegistry.add(
       name, source=LabelledLinesSource(name), preprocessors=[encode_examples], metric_fns=[],
       output_features={"inputs": seqio.Feature(seqio.ByteVocabulary(), add_eos=False),
@@ -233,67 +238,6 @@ def register_text_classification(name: str = "text_classification") -> seqio.Tas
 
 def check_num_classes(task: str, num_classes: int) -> None:
   """DataError unless a classification task has exactly `num_classes` labels."""
-  if task in _LABEL_COUNTS and _LABEL_COUNTS[task]() != num_classes:
-    raise DataError(f"task {task!r} has {_LABEL_COUNTS[task]()} labels but NUM_CLASSES is "
+  if task in LABEL_COUNTS and LABEL_COUNTS[task]() != num_classes:
+    raise DataError(f"task {task!r} has {LABEL_COUNTS[task]()} labels but NUM_CLASSES is "
                     f"{num_classes}; set NUM_CLASSES to the label count")
-
-
-KEYWORDS = ("CAT", "DOG", "FISH", "BIRD")  # uppercase: the lowercase noise never spells one
-NOISE = b"abcdefghijklmnopqrstuvwxyz "
-KEYWORD_TEXT_LENGTHS = (16, 64)  # text lengths drawn from here (capped by 'inputs')
-KEYWORD_EXAMPLES = {"train": 10_000, "validation": 500}
-_KEYWORD_SPLIT_SEEDS = {"train": 0, "validation": 1}
-
-
-def _keyword_indices(split: str, shuffle_files: bool = False, seed: int | None = None
-                     ) -> tf.data.Dataset:
-  """{'index': [split seed, i]}: an example is a pure function of its split and index."""
-  del shuffle_files, seed  # seqio shuffles the examples; their content never changes
-  if split not in _KEYWORD_SPLIT_SEEDS:
-    raise DataError(f"keyword_classification has splits {list(SPLITS)}, got {split!r}")
-  split_seed = tf.constant(_KEYWORD_SPLIT_SEEDS[split], tf.int64)
-  return tf.data.Dataset.range(KEYWORD_EXAMPLES[split]).map(
-      lambda i: {"index": tf.stack([split_seed, i])})
-
-
-def keyword_example(index: tf.Tensor, low: int, high: int) -> dict[str, tf.Tensor]:
-  """Noise of length in [low, high] with one random keyword at a random place."""
-  longest = max(len(k) for k in KEYWORDS)
-  ids = [[b + 3 for b in k.encode()] + [0] * (longest - len(k)) for k in KEYWORDS]
-  seeds = tf.unstack(tf.random.experimental.stateless_split(index, 4))
-  label = tf.random.stateless_uniform([], seeds[0], maxval=len(KEYWORDS), dtype=tf.int32)
-  size = tf.gather(tf.constant([len(k) for k in KEYWORDS]), label)
-  keyword = tf.gather(tf.constant(ids, tf.int32), label)[:size]
-  length = tf.random.stateless_uniform([], seeds[1], minval=low, maxval=high + 1,
-                                       dtype=tf.int32)
-  noise = tf.random.stateless_uniform([length - size], seeds[2], maxval=len(NOISE),
-                                      dtype=tf.int32)
-  noise = tf.gather(tf.constant([b + 3 for b in NOISE], tf.int32), noise)
-  at = tf.random.stateless_uniform([], seeds[3], maxval=length - size + 1, dtype=tf.int32)
-  return {"inputs": tf.concat([noise[:at], keyword, noise[at:]], axis=0),
-          "targets": tf.reshape(label, [1])}
-
-
-def keyword_examples(ds: tf.data.Dataset, sequence_length: Mapping[str, int] | None
-                     ) -> tf.data.Dataset:
-  """{'index'} -> {'inputs', 'targets'}; texts fit the `inputs` length uncut."""
-  high = min(KEYWORD_TEXT_LENGTHS[1], inputs_length(sequence_length))
-  if high < max(len(k) for k in KEYWORDS):
-    raise DataError(f"keyword_classification needs an 'inputs' length >= "
-                    f"{max(len(k) for k in KEYWORDS)}, got {sequence_length['inputs']}")
-  low = min(KEYWORD_TEXT_LENGTHS[0], high)
-  return ds.map(lambda ex: keyword_example(ex["index"], low, high),
-                num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def register_keyword_classification(name: str = "keyword_classification") -> seqio.Task:
-  """Registers (idempotently) the generated task: 4 classes, no files needed."""
-  if name in seqio.TaskRegistry.names():
-    return seqio.TaskRegistry.get(name)
-  _LABEL_COUNTS[name] = lambda: len(KEYWORDS)
-  vocab = seqio.PassThroughVocabulary(size=len(KEYWORDS), eos_id=None)
-  return seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(_keyword_indices, splits=list(SPLITS)),
-      preprocessors=[keyword_examples], metric_fns=[],
-      output_features={"inputs": seqio.Feature(seqio.ByteVocabulary(), add_eos=False),
-                       "targets": seqio.Feature(vocab, add_eos=False)})

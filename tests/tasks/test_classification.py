@@ -8,7 +8,7 @@ import pytest
 import seqio
 
 from perceiver_ar_t5x import datasets, tasks
-from perceiver_ar_t5x.tasks import classification, locations
+from perceiver_ar_t5x.tasks import classification, keywords, locations
 
 LENGTHS = {"inputs": 24, "targets": 1}
 
@@ -131,15 +131,15 @@ def test_unknown_labels_and_missing_files(tmp_path):
 
 def test_keyword_task_labels_match_the_inserted_keyword():
   out = _read("keyword_classification", "validation", {"inputs": 40, "targets": 1})
-  assert len(out) == classification.KEYWORD_EXAMPLES["validation"] == 500
+  assert len(out) == keywords.KEYWORD_EXAMPLES["validation"] == 500
   counts = np.zeros(4, int)
   for ex in out:
     text, label = _text(ex["inputs"]), int(ex["targets"][0])
     assert 16 <= len(text) <= 40 and ex["targets"].shape == (1,)
-    found = [k for k in classification.KEYWORDS if k in text]
-    assert found == [classification.KEYWORDS[label]]
+    found = [k for k in keywords.KEYWORDS if k in text]
+    assert found == [keywords.KEYWORDS[label]]
     assert text.count(found[0]) == 1
-    assert set(text.replace(found[0], "")) <= set(classification.NOISE.decode())
+    assert set(text.replace(found[0], "")) <= set(keywords.NOISE.decode())
     counts[label] += 1
   assert counts.min() > 80  # all four classes, roughly balanced
   again = _read("keyword_classification", "validation", {"inputs": 40, "targets": 1})
