@@ -58,8 +58,7 @@ def run(python: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 
 def _model(head: str, config: dict[str, Any], length: int):
   """The HF model for `head` at `length` positions (the MLM decoder needs one per byte)."""
-  from transformers import (PerceiverConfig, PerceiverForMaskedLM,
-                            PerceiverForSequenceClassification)
+  from transformers import PerceiverConfig, PerceiverForMaskedLM, PerceiverForSequenceClassification
   cfg = PerceiverConfig(**config, max_position_embeddings=length, attention_probs_dropout_prob=0.0)
   if head == "mlm":
     return PerceiverForMaskedLM(cfg)

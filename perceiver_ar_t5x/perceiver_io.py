@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x.layers.attention import AttentionKernel
 from perceiver_ar_t5x.layers.block import Block, BlockOptions, CrossKvNorm
+from perceiver_ar_t5x.layers.embedding import PositionEncoding, sinusoidal_positions
 from perceiver_ar_t5x.layers.io_adapters import ArrayInput, Classifier, TokenInput
 from perceiver_ar_t5x.layers.mlp import Activation
 from perceiver_ar_t5x.layers.norms import NormKind
@@ -79,6 +80,9 @@ class PerceiverIO(nn.Module):
       totals over heads (None: the official defaults, see the module docstring).
     use_query_residual, decoder_query_residual: add the attention output to the
       query rows in the encoder / decoder (HF's and the official MLM decoder: off).
+    output_queries: LEARNED (a table, `output_queries`; the paper's MLM) or SINUSOIDAL
+      (fixed sin/cos codes of each output position, no params; the paper's Fourier
+      output queries for dense outputs).
     block: the shared block's options (norm, biases, activation, MLP kind).
     attention_kernel: PLAIN or CHUNKED for the encoder (memory linear in input length).
   """
@@ -106,6 +110,7 @@ class PerceiverIO(nn.Module):
   decoder_v_channels: int | None = None
   decoder_widening_factor: int = 1
   decoder_query_residual: bool = False
+  output_queries: PositionEncoding = PositionEncoding.LEARNED
   block: BlockOptions = IO_BLOCK
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -174,16 +179,22 @@ class PerceiverIO(nn.Module):
         z = blk(z, zeros(self.num_latents), None, deterministic=deterministic)
 
     n = m if self.head == Head.MLM else self.num_outputs
-    table = self.param("output_queries", nn.with_logical_partitioning(
-        nn.initializers.truncated_normal(0.02), (pt.LENGTH, pt.EMBED)),
-                       (self.num_outputs, self.decoder_dim), jnp.float32)
-    queries = jnp.broadcast_to(table[:n].astype(self.dtype), (b, n, self.decoder_dim))
+    queries = jnp.broadcast_to(self._queries(n).astype(self.dtype), (b, n, self.decoder_dim))
     decoder = self._block("decoder", self.decoder_dim, d, self.num_decoder_heads,
                           self.decoder_qk_channels, self.decoder_v_channels,
                           self.decoder_widening_factor, self.decoder_query_residual)
     out = decoder(queries, zeros(n), None, z, zeros(self.num_latents), None,
                   deterministic=deterministic)  # [batch, n, decoder_dim]
     return self._logits(out)
+
+  def _queries(self, n: int) -> jax.Array:
+    """The first n output queries [n, decoder_dim]."""
+    if self.output_queries == PositionEncoding.SINUSOIDAL:
+      return sinusoidal_positions(jnp.arange(n)[None], self.decoder_dim)[0]
+    table = self.param("output_queries", nn.with_logical_partitioning(
+        nn.initializers.truncated_normal(0.02), (pt.LENGTH, pt.EMBED)),
+                       (self.num_outputs, self.decoder_dim), jnp.float32)
+    return table[:n]
 
   def _logits(self, out: jax.Array) -> jax.Array:
     if self.head == Head.MLM:

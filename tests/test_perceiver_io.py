@@ -16,6 +16,7 @@ from perceiver_ar_t5x import partitioning as pt
 from perceiver_ar_t5x import training
 from perceiver_ar_t5x.io_models import PerceiverIOModel
 from perceiver_ar_t5x.layers.attention import AttentionKernel
+from perceiver_ar_t5x.layers.embedding import PositionEncoding
 from perceiver_ar_t5x.layers.io_adapters import fourier_features
 from perceiver_ar_t5x.perceiver_io import ArrayInput, Head, PerceiverIO, TokenInput
 
@@ -91,6 +92,17 @@ def test_chunked_encoder_equals_plain_forward_and_backward():
   g_plain, g_chunk = jax.grad(loss, 1)(module, params), jax.grad(loss, 1)(chunked, params)
   for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_chunk)):
     np.testing.assert_allclose(b, a, atol=2e-4 * (1 + float(np.abs(a).max())))
+
+
+def test_fixed_positions_have_no_tables_and_still_tell_positions_apart():
+  module = mlm_module(input_adapter=TokenInput(VOCAB, 6, LENGTH,
+                                               position_encoding=PositionEncoding.SINUSOIDAL),
+                      output_queries=PositionEncoding.SINUSOIDAL)
+  tokens = jnp.full((1, LENGTH), 5, jnp.int32)
+  params = nn.unbox(init(module, tokens))
+  assert "positions" not in params["input_adapter"] and "output_queries" not in params
+  out = module.apply({"params": params}, tokens)  # same token everywhere: rows differ by position
+  assert float(jnp.abs(out[0, 1:] - out[0, :1]).min(axis=-1).max()) > 0
 
 
 def test_fourier_features_golden():

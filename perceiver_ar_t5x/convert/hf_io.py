@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +35,6 @@ from perceiver_ar_t5x.convert.model_dir import ConversionError, Converted
 from perceiver_ar_t5x.layers.mlp import Activation
 from perceiver_ar_t5x.perceiver_io import IO_BLOCK, Head, PerceiverIO, TokenInput
 
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first present is read
 ARCHITECTURE = "PerceiverForMaskedLM"
 # PerceiverForMaskedLM's decoder, fixed in its __init__ (not in the config).
 DECODER_HEADS, DECODER_QK = 8, 8 * 32
@@ -184,29 +182,6 @@ def convert_params(raw: Mapping[str, np.ndarray], module: PerceiverIO
   return model_dir.nest(flat), report
 
 
-def _locate(path: str, config: Mapping[str, Any] | str | None
-            ) -> tuple[str, Mapping[str, Any] | str]:
-  """(weights file, config) for a hub folder or a weights file (config.json beside it)."""
-  if not fileio.gfile.exists(path):
-    raise ConversionError(f"{path} does not exist")
-  if fileio.gfile.isdir(path):
-    found = [os.path.join(path, n) for n in HUB_WEIGHTS
-             if fileio.gfile.exists(os.path.join(path, n))]
-    if not found and any(fileio.gfile.exists(os.path.join(path, n + ".index.json"))
-                         for n in HUB_WEIGHTS):
-      raise ConversionError(f"{path}: sharded weights are not supported; save the model "
-                            f"unsharded (save_pretrained(max_shard_size='100GB'))")
-    if not fileio.gfile.exists(os.path.join(path, "config.json")) or not found:
-      raise ConversionError(f"{path} is not a Hugging Face hub folder (config.json and one of "
-                            f"{', '.join(HUB_WEIGHTS)})")
-    return found[0], config if config is not None else os.path.join(path, "config.json")
-  if config is None:
-    config = os.path.join(os.path.dirname(path), "config.json")
-    if not fileio.gfile.exists(config):
-      raise ConversionError(f"{path}: no config.json beside it; pass config=")
-  return path, config
-
-
 def load(path: str, config: Mapping[str, Any] | str | None = None) -> Converted:
   """A PerceiverForMaskedLM hub folder, or a weights file (safetensors / torch.save'd
   state_dict) and its config (a config.json path or dict; default: config.json in the
@@ -214,7 +189,7 @@ def load(path: str, config: Mapping[str, Any] | str | None = None) -> Converted:
   `module.apply({'params': params}, input_ids, input_mask=attention_mask)`; the ids are
   PerceiverTokenizer's (remap_to_mlm_vocab re-indexes them onto ours).
   """
-  weights, config = _locate(path, config)
+  weights, config = torch_files.locate_hub(path, config, "Hugging Face")
   cfg, taken = read_config(config)
   module = architecture(cfg)
   with fileio.gfile.GFile(weights, "rb") as f:

@@ -36,7 +36,7 @@ TOKEN_MACROS = {"vocab_size": "VOCAB_SIZE", "features": "INPUT_DIM", "max_length
 BLOCK_MACROS = {"activation": "ACTIVATION"}
 # Where each enum lives, as the gin file's dynamic-registration imports name it.
 ENUM_MODULES = {"Head": "perceiver_io", "Activation": "mlp", "NormKind": "norms",
-                "CrossKvNorm": "block"}
+                "CrossKvNorm": "block", "PositionEncoding": "embedding"}
 # Flax bookkeeping and run-time choices: the run file's, not the model's.
 SKIPPED = ("parent", "name", "dtype", "attention_kernel", "attention_chunk_size")
 BLOCK_SCOPE = "io/block.BlockOptions"  # perceiver_io.gin's scope for the IO block
@@ -53,6 +53,7 @@ from __gin__ import dynamic_registration
 from perceiver_ar_t5x import io_models
 from perceiver_ar_t5x import perceiver_io
 from perceiver_ar_t5x.layers import block
+from perceiver_ar_t5x.layers import embedding
 from perceiver_ar_t5x.layers import mlp
 from perceiver_ar_t5x.layers import norms
 
@@ -78,7 +79,7 @@ def _adapter_lines(adapter: TokenInput | ArrayInput) -> list[str]:
     if f.name in SKIPPED:
       continue
     value = gin_value(getattr(adapter, f.name))
-    if isinstance(adapter, TokenInput):
+    if isinstance(adapter, TokenInput) and f.name in TOKEN_MACROS:
       lines.append(f"{TOKEN_MACROS[f.name]} = {value}")
     else:
       lines.append(f"perceiver_io.{kind}.{f.name} = {value}")

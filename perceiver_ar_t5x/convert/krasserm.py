@@ -19,7 +19,6 @@ Inputs: krasserm pads on the left and counts positions from the first real token
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +35,6 @@ from perceiver_ar_t5x.layers.norms import NormKind
 from perceiver_ar_t5x.perceiver_ar import PerceiverAR
 
 PREFIX = "backend_model."  # the HF wrapper's name for CausalSequenceModel
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first present is read
 MODEL_TYPES = ("perceiver-ar-causal-language-model", "perceiver-ar-symbolic-audio-model")
 MAX_TIMESCALE = 1e4  # FrequencyPositionEncoding: inv_freq = 10000 ** (-2i / r)
 # CausalSequenceModelConfig's fields and defaults (perceiver/model/core/config.py, 0.11.0).
@@ -204,29 +202,6 @@ def convert_params(raw: Mapping[str, np.ndarray], cfg: Mapping[str, Any], module
   return model_dir.nest(flat), report
 
 
-def _locate(path: str, config: Mapping[str, Any] | str | None
-            ) -> tuple[str, Mapping[str, Any] | str]:
-  """(weights file, config) for a hub folder or a weights file (config.json beside it)."""
-  if not fileio.gfile.exists(path):
-    raise ConversionError(f"{path} does not exist")
-  if fileio.gfile.isdir(path):
-    sharded = [n for n in HUB_WEIGHTS if fileio.gfile.exists(os.path.join(path, n + ".index.json"))]
-    if sharded:
-      raise ConversionError(f"{path}: sharded weights ({sharded[0]}.index.json) are not supported; "
-                            f"save the model unsharded (save_pretrained(max_shard_size='100GB'))")
-    found = [os.path.join(path, n) for n in HUB_WEIGHTS
-             if fileio.gfile.exists(os.path.join(path, n))]
-    if not fileio.gfile.exists(os.path.join(path, "config.json")) or not found:
-      raise ConversionError(f"{path} is not a krasserm hub folder (config.json and one of "
-                            f"{', '.join(HUB_WEIGHTS)})")
-    return found[0], config if config is not None else os.path.join(path, "config.json")
-  if config is None:
-    config = os.path.join(os.path.dirname(path), "config.json")
-    if not fileio.gfile.exists(config):
-      raise ConversionError(f"{path}: no config.json beside it; pass config= (its model_config)")
-  return path, config
-
-
 def load_krasserm(path: str, config: Mapping[str, Any] | str | None = None) -> Converted:
   """A krasserm hub folder, or a weights file (safetensors / torch.save'd state_dict) and config.
 
@@ -235,7 +210,7 @@ def load_krasserm(path: str, config: Mapping[str, Any] | str | None = None) -> C
   `backend_model.` prefix (a bare CausalSequenceModel's). Feed the converted model with
   `call_inputs`; its ids are krasserm's tokenizer's (vocab.remap_krasserm re-indexes them).
   """
-  weights, config = _locate(path, config)
+  weights, config = torch_files.locate_hub(path, config, "krasserm")
   cfg, taken = read_config(config)
   module = architecture(cfg)
   with fileio.gfile.GFile(weights, "rb") as f:

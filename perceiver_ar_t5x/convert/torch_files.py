@@ -15,13 +15,16 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from perceiver_ar_t5x import fileio
 from perceiver_ar_t5x.convert.model_dir import ConversionError
 
 _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bf16", "I64": "<i8",
@@ -182,3 +185,31 @@ def read_weights(data: bytes, name: str) -> dict[str, np.ndarray]:
     raise WeightsError(f"{name}: a legacy (torch < 1.6, non-zip) torch file; re-save it with "
                        f"torch.save from torch >= 1.6 or as safetensors")
   return read_safetensors(data, name)
+
+
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first present is read
+
+
+def locate_hub(path: str, config: Mapping[str, Any] | str | None, what: str
+               ) -> tuple[str, Mapping[str, Any] | str]:
+  """(weights file, config) of a hub folder, or of a weights file with config.json beside it
+  (`what` names the source in errors)."""
+  if not fileio.gfile.exists(path):
+    raise ConversionError(f"{path} does not exist")
+  if fileio.gfile.isdir(path):
+    sharded = [n for n in HUB_WEIGHTS if fileio.gfile.exists(os.path.join(path, n + ".index.json"))]
+    if sharded:
+      raise ConversionError(f"{path}: sharded weights ({sharded[0]}.index.json) are not "
+                            f"supported; save the model unsharded "
+                            f"(save_pretrained(max_shard_size='100GB'))")
+    found = [os.path.join(path, n) for n in HUB_WEIGHTS
+             if fileio.gfile.exists(os.path.join(path, n))]
+    if not fileio.gfile.exists(os.path.join(path, "config.json")) or not found:
+      raise ConversionError(f"{path} is not a {what} hub folder (config.json and one of "
+                            f"{', '.join(HUB_WEIGHTS)})")
+    return found[0], config if config is not None else os.path.join(path, "config.json")
+  if config is None:
+    config = os.path.join(os.path.dirname(path), "config.json")
+    if not fileio.gfile.exists(config):
+      raise ConversionError(f"{path}: no config.json beside it; pass config=")
+  return path, config

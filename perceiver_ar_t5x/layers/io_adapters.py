@@ -15,26 +15,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver_ar_t5x import partitioning as pt
-from perceiver_ar_t5x.layers.embedding import Embed, LearnedPositions
+from perceiver_ar_t5x.layers.embedding import (
+  Embed,
+  LearnedPositions,
+  PositionEncoding,
+  sinusoidal_positions,
+)
 
 
 class TokenInput(nn.Module):
   """Token ids [batch, length] -> embeddings + learned positions [batch, length, features].
 
-  Params: `token_embed/embedding` [vocab, features] (also the MLM head, `attend`) and
-  `positions/embedding` [max_length, features].
+  Params: `token_embed/embedding` [vocab, features] (also the MLM head, `attend`) and,
+  with learned positions (the paper's MLM), `positions/embedding` [max_length, features].
+  position_encoding SINUSOIDAL adds fixed sin/cos codes instead (no table): every
+  position is distinct from the first step, which shortens the plateau a small MLM
+  spends learning where its bytes are (README, Perceiver IO).
   """
 
   vocab_size: int
   features: int
   max_length: int
   dtype: jnp.dtype = jnp.float32
+  position_encoding: PositionEncoding = PositionEncoding.LEARNED
 
   def setup(self) -> None:
+    if self.position_encoding == PositionEncoding.ROTARY:
+      raise ValueError("TokenInput takes LEARNED or SINUSOIDAL positions, not ROTARY")
     # small init: the same table is the MLM head, and unit-variance rows would start it
     # with logits of size sqrt(features)
     self.token_embed = Embed(self.vocab_size, self.features, dtype=self.dtype, stddev=0.02)
-    self.positions = LearnedPositions(self.max_length, self.features)
+    if self.position_encoding == PositionEncoding.LEARNED:
+      self.positions = LearnedPositions(self.max_length, self.features)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -44,7 +56,10 @@ class TokenInput(nn.Module):
       raise ValueError(f"{tokens.shape[1]} tokens exceed the learned position table "
                        f"(max_length={self.max_length})")
     pos = jnp.arange(tokens.shape[1])[None, :]
-    return self.token_embed(tokens) + self.positions(pos).astype(self.dtype)
+    if self.position_encoding == PositionEncoding.LEARNED:
+      return self.token_embed(tokens) + self.positions(pos).astype(self.dtype)
+    code = sinusoidal_positions(pos, self.features) * 0.02  # the embeddings' scale
+    return self.token_embed(tokens) + code.astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """[batch, n, features] -> f32 logits [batch, n, vocab] with the tied embedding."""
