@@ -1,12 +1,16 @@
 """Perceiver IO through the T5X binaries: train, eval and infer on real files.
 
-Classification (the generated keyword task) runs the three binaries as subprocesses:
-training ends with eval metrics and a sample, the eval binary scores every one of the
-500 validation examples, infer writes label names. Masked LM trains in-process on text
-files this test writes (documents of very different lengths), then infer fills masks.
+Classification (the generated keyword task) runs the train and eval binaries as
+subprocesses: training ends with eval metrics and a sample, the eval binary scores every
+one of the 500 validation examples; infer (in-process) writes label names. Masked LM
+trains in-process on text files this test writes (documents of very different lengths),
+then infer fills masks.
 """
 
 import json
+import sys
+
+import pytest
 
 import gin
 from tests import binaries
@@ -15,6 +19,18 @@ KEYWORD = ("gin/runs/keyword_io_cpu.gin",)
 SMALL_IO = ("INPUT_DIM = 16", "LATENT_DIM = 16", "NUM_LATENTS = 4", "NUM_SELF_ATTEND_HEADS = 2",
             "NUM_SELF_ATTENDS_PER_BLOCK = 1", "NUM_DECODER_HEADS = 2", "DECODER_QK_CHANNELS = 8",
             "TRAIN_STEPS = 3", "BATCH_SIZE = 8", "CHECKPOINT_PERIOD = 3", "STATS_PERIOD = 1")
+
+
+def _infer(tmp_path, model_dir, run_gin, *bindings) -> str:
+  """The infer binary's gin-configured function, in-process (no second start-up and
+  compile); the binary's own flags and output are tested with Perceiver AR."""
+  from perceiver_ar_t5x import inference
+  out = tmp_path / "infer"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sys.modules["__main__"], "infer", inference.infer, raising=False)
+    with binaries.tiny_gin(*bindings, f"CHECKPOINT_PATH = '{model_dir}'",
+                           f"INFER_OUTPUT_DIR = '{out}'", files=(*run_gin, "gin/infer.gin")):
+      return gin.get_configurable(inference.infer)()
 
 
 def test_classification_train_eval_infer(tmp_path):
@@ -33,12 +49,8 @@ def test_classification_train_eval_infer(tmp_path):
   assert metrics["num_tokens"] == 500  # every validation example, once
   assert metrics["accuracy"] > 0.5  # 4 classes: chance is 0.25
 
-  out = tmp_path / "infer"
-  proc = binaries.run("infer", f"--gin.CHECKPOINT_PATH='{model_dir}'",
-                      f"--gin.INFER_OUTPUT_DIR='{out}'", "--gin.INFER_MAX_EXAMPLES=5",
-                      gin_files=KEYWORD)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [json.loads(x) for x in next(out.glob("*.jsonl")).read_text().splitlines()]
+  rows = [json.loads(x) for x in open(_infer(tmp_path, model_dir, KEYWORD,
+                                            "INFER_MAX_EXAMPLES = 5")).read().splitlines()]
   assert len(rows) == 5
   for row in rows:
     assert row["targets"] in ("CAT", "DOG", "FISH", "BIRD") and row["targets"] in row["inputs"]
@@ -60,13 +72,8 @@ def test_masked_lm_trains_and_fills_masks(tmp_path):
     result = gin.get_configurable(trainer.train)(handle_signals=False)
   assert result.metrics["num_tokens"] > 0 and 0 <= result.metrics["accuracy"] <= 1
   assert "[MASK]" in result.sample["inputs"]
-  out = tmp_path / "infer"
-  flags = ["--gin." + b.replace(" = ", "=") for b in bindings[1:]]
-  proc = binaries.run("infer", f"--gin.CHECKPOINT_PATH='{model_dir}'",
-                      f"--gin.INFER_OUTPUT_DIR='{out}'", *flags,
-                      gin_files=("gin/runs/text_mlm_io_cpu.gin",))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  row = json.loads(next(out.glob("*.jsonl")).read_text().splitlines()[0])
+  path = _infer(tmp_path, model_dir, ("gin/runs/text_mlm_io_cpu.gin",), *bindings)
+  row = json.loads(open(path).read().splitlines()[0])
   assert "[MASK]" in row["inputs"] and "[MASK]" not in row["prediction"]
   # each masked byte replaced by the model's (an untrained model may pick non-byte ids)
   assert len(row["prediction"]) <= len(row["targets"]) and row["masked_accuracy"] is not None
