@@ -198,7 +198,8 @@ def test_train_remote_command_runs_once_per_host(tmp_path):
   pid = int(pid_file.read_text())
   try:
     deadline = time.monotonic() + 10
-    while not argv_file.exists() and time.monotonic() < deadline:
+    # the shell creates the file before printf fills it: wait for its content
+    while not (argv_file.exists() and argv_file.read_text()) and time.monotonic() < deadline:
       time.sleep(0.05)
     assert argv_file.read_text().splitlines() == [
         "-m", "perceiver_ar_t5x.train", "--gin_file=gin/runs/r.gin",
