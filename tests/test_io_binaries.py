@@ -8,9 +8,6 @@ then infer fills masks.
 """
 
 import json
-import sys
-
-import pytest
 
 import gin
 from tests import binaries
@@ -22,16 +19,15 @@ SMALL_IO = ("INPUT_DIM = 16", "LATENT_DIM = 16", "NUM_LATENTS = 4", "NUM_SELF_AT
             "TRAIN_STEPS = 3", "BATCH_SIZE = 8", "CHECKPOINT_PERIOD = 3", "STATS_PERIOD = 1")
 
 
-def _infer(tmp_path, model_dir, run_gin, *bindings) -> str:
-  """The infer binary's gin-configured function, in-process (no second start-up and
-  compile); the binary's own flags and output are tested with Perceiver AR."""
-  from perceiver_ar_t5x import inference
-  out = tmp_path / "infer"
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sys.modules["__main__"], "infer", inference.infer, raising=False)
-    with binaries.tiny_gin(*bindings, f"CHECKPOINT_PATH = '{model_dir}'",
-                           f"INFER_OUTPUT_DIR = '{out}'", files=(*run_gin, "gin/infer.gin")):
-      return gin.get_configurable(inference.infer)()
+def _infer(tmp_path, model_dir, run_gin, task, length, *bindings) -> str:
+  """The infer binary's function for a Perceiver IO model, in-process (no second start-up
+  and compile); the binary's own flags and output are tested with Perceiver AR."""
+  from perceiver_ar_t5x import datasets, io_inference, io_models
+  with binaries.tiny_gin(*bindings, files=run_gin):
+    model = gin.get_configurable(io_models.PerceiverIOModel)()
+  cfg = datasets.DatasetConfig(task, length, "validation", 8, shuffle=False)
+  return io_inference.infer(model=model, checkpoint_path=str(model_dir),
+                            output_dir=str(tmp_path / "infer"), dataset_cfg=cfg, max_examples=5)
 
 
 def test_classification_train_eval_infer(tmp_path):
@@ -51,8 +47,9 @@ def test_classification_train_eval_infer(tmp_path):
   assert metrics["num_tokens"] == 500  # every validation example, once
   assert metrics["accuracy"] > 0.5  # 4 classes: chance is 0.25
 
-  rows = [json.loads(x) for x in open(_infer(tmp_path, model_dir, KEYWORD,
-                                            "INFER_MAX_EXAMPLES = 5")).read().splitlines()]
+  path = _infer(tmp_path, model_dir, KEYWORD, "keyword_classification",
+                {"inputs": 64, "targets": 1}, f"MODEL_DIR = '{model_dir}'")
+  rows = [json.loads(x) for x in open(path).read().splitlines()]
   assert len(rows) == 5
   for row in rows:
     assert row["targets"] in KEYWORDS and row["targets"] in row["inputs"]
@@ -74,7 +71,8 @@ def test_masked_lm_trains_and_fills_masks(tmp_path):
     result = gin.get_configurable(trainer.train)(handle_signals=False)
   assert result.metrics["num_tokens"] > 0 and 0 <= result.metrics["accuracy"] <= 1
   assert "[MASK]" in result.sample["inputs"]
-  path = _infer(tmp_path, model_dir, ("gin/runs/text_mlm_io_cpu.gin",), *bindings)
+  path = _infer(tmp_path, model_dir, ("gin/runs/text_mlm_io_cpu.gin",), "text_bytes_mlm",
+                {"inputs": 32, "targets": 32}, *bindings)
   row = json.loads(open(path).read().splitlines()[0])
   assert "[MASK]" in row["inputs"] and "[MASK]" not in row["prediction"]
   # each masked byte replaced by the model's (an untrained model may pick non-byte ids)
