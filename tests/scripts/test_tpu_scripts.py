@@ -178,7 +178,7 @@ def test_train_options(bare_path):
 
 
 def test_train_remote_command_runs_once_per_host(tmp_path):
-  """Run the printed remote command in a fake $HOME: argv arrives intact, rerun skips."""
+  """Fake $HOME: argv arrives intact (waited for: the file exists before printf fills it)."""
   (line,) = dry_run("train.sh", *SCRIPT_ARGS["train.sh"], "--", "--gin.X='a b'", path=tmp_path)
   home = tmp_path / "home"
   venv_bin = home / "perceiver_ar_t5x" / ".venv" / "bin"
@@ -198,7 +198,6 @@ def test_train_remote_command_runs_once_per_host(tmp_path):
   pid = int(pid_file.read_text())
   try:
     deadline = time.monotonic() + 10
-    # the shell creates the file before printf fills it: wait for its content
     while not (argv_file.exists() and argv_file.read_text()) and time.monotonic() < deadline:
       time.sleep(0.05)
     assert argv_file.read_text().splitlines() == [
