@@ -154,6 +154,14 @@ def test_objective_counts_only_masked_positions():
   np.testing.assert_allclose(float(loss), nll[w].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(m["correct_sum"]),
                              (np.argmax(logits, -1) == batch["encoder_target_tokens"])[w].sum())
+  # unmasked_weight: the loss adds the real unmasked bytes (never padding) at that weight;
+  # the metrics stay on the masked bytes
+  loss2, m2 = PerceiverIOModel(mlm_module(), mask_id=MASK, unmasked_weight=0.25).loss_fn(
+      params, batch, None)
+  rest = ~w & (batch["encoder_input_tokens"] > 0)
+  np.testing.assert_allclose(float(loss2), (nll[w].sum() + 0.25 * nll[rest].sum())
+                             / (w.sum() + 0.25 * rest.sum()), rtol=1e-5)
+  assert {k: float(v) for k, v in m2.items()} == {k: float(v) for k, v in m.items()}
 
 
 def _mesh_loss_and_grads(mesh_shape):
