@@ -89,3 +89,12 @@ def test_tiny_pg19_config_on_local_books(parse, tmp_path):
   assert batch["decoder_target_tokens"].shape == (8, 64)
 
 
+
+
+def test_masked_lm_run_readme_reports(parse, tmp_path):
+  """text_mlm_io_cpu: the 328,772-parameter Perceiver IO with unmasked-byte reconstruction."""
+  model, cfg = parse("text_mlm_io_cpu.gin", [f"TEXT_FILES = '{tmp_path}'"])
+  assert model.unmasked_weight == 0.1 and model.mask_id == 259 and not cfg.pack
+  assert dict(cfg.task_feature_lengths) == {"inputs": 128, "targets": 128}
+  shapes = jax.eval_shape(lambda r: model.init(r, 128), jax.random.key(0))
+  assert training.param_count(shapes) == 328_772
