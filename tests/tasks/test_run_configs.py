@@ -89,8 +89,6 @@ def test_tiny_pg19_config_on_local_books(parse, tmp_path):
   assert batch["decoder_target_tokens"].shape == (8, 64)
 
 
-
-
 def test_masked_lm_run_readme_reports(parse, tmp_path):
   """text_mlm_io_cpu: the 328,772-parameter Perceiver IO with unmasked-byte reconstruction."""
   model, cfg = parse("text_mlm_io_cpu.gin", [f"TEXT_FILES = '{tmp_path}'"])
